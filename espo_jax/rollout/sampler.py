@@ -1,0 +1,247 @@
+"""Jitted KV-cache sampler: left-padded batched prefill + ``lax.while_loop`` decode.
+
+Layout of one call (B rows, P bucketed prompt length, N = max_new_tokens):
+
+    cache slots  [0, P)        the left-padded prompt (kv_mask = prompt_mask)
+                 [P, P + N)    generated tokens (kv_mask = 1; causality hides the future)
+    positions    cumsum(prompt_mask) - 1 for the prompt, prompt_len + t for new token t
+
+Everything from prefill to the last token runs in ONE jitted function
+(``decode``): no host round trip per token, the loop exits as soon as every row has
+finished, and the KV cache is allocated inside it (so it only ever lives in XLA
+buffers that the loop updates in place and frees on return; nothing to donate from
+the caller). Compiles once per (model graph, B, P bucket, N, static sampling flags);
+temperature, top_p, the stop tokens' values and the key are traced.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from espo_jax.rollout.sampling import sample_step
+
+
+class Rollout(NamedTuple):
+    """Sampled responses (a pytree; all jax arrays on device).
+
+    prompt_tokens i32[B, P]  left-padded prompts (P bucketed), pad = pad_id
+    prompt_mask   i32[B, P]  1 = real prompt token
+    tokens        i32[B, N]  sampled tokens; pad_id after a row finished
+    mask          f32[B, N]  1 up to and including the first stop token
+    logprobs      f32[B, N]  log-prob of each token under the distribution it was
+                             drawn from (see ``sampling``); 0 where mask is 0
+    lengths       i32[B]     number of response tokens (= mask.sum(-1))
+    """
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+
+
+# ----------------------------------------------------------------------------- core
+
+def decode(
+    graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array, prompt_mask: jax.Array,
+    key: jax.Array, temperature: jax.Array, top_p: jax.Array, eos_ids: jax.Array, *,
+    max_new_tokens: int, top_k: int = 0, greedy: bool = False, use_top_p: bool = False,
+    pad_id: int = 0, cache_dtype: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Prefill + decode loop; pure, jit it (``decode_jit``) or add shardings to it.
+
+    prompt_ids i32[B, P] left-padded, prompt_mask i32[B, P] (each row ends in a real
+    token), key a PRNG key, temperature / top_p f32 scalars, eos_ids i32[E] (E may be 0)
+    -> (tokens i32[B, N], mask f32[B, N], logprobs f32[B, N]).
+    Token t of every row is drawn with ``jax.random.fold_in(key, t)``.
+    """
+    model = nnx.merge(graphdef, state)
+    batch, plen = prompt_ids.shape
+    n = max_new_tokens
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    prompt_len = prompt_mask.sum(axis=1)                                  # [B]
+    kv_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n), jnp.int32)], axis=1)
+    sample = functools.partial(sample_step, temperature=temperature, top_p=top_p,
+                               top_k=top_k, greedy=greedy, use_top_p=use_top_p)
+
+    def is_stop(tok):                                                     # [B] -> bool[B]
+        return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+
+    # Prefill: all prompt tokens at slots [0, P); the last slot is a real token.
+    cache = model.init_cache(batch, plen + n, dtype=cache_dtype)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    logits, cache = model(prompt_ids.astype(jnp.int32), positions, attention_mask=kv_mask,
+                          cache=cache, cache_index=jnp.asarray(0, jnp.int32))
+    tok, logp = sample(logits[:, -1], jax.random.fold_in(key, 0))
+
+    tokens = jnp.full((batch, n), pad_id, jnp.int32).at[:, 0].set(tok)
+    logps = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(logp)
+    mask = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(1.0)
+    done = is_stop(tok)
+
+    def cond(carry):
+        step, _, done, *_ = carry
+        return (step < n) & ~jnp.all(done)
+
+    def body(carry):
+        step, prev, done, tokens, logps, mask, cache = carry
+        # Feed token step-1 (slot P+step-1) to get the distribution of token `step`.
+        pos = (prompt_len + step - 1)[:, None]
+        logits, cache = model(prev[:, None], pos, attention_mask=kv_mask, cache=cache,
+                              cache_index=plen + step - 1)
+        tok, logp = sample(logits[:, -1], jax.random.fold_in(key, step))
+        live = ~done
+        tok = jnp.where(live, tok, pad_id)
+        logp = jnp.where(live, logp, 0.0)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
+        logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, step))
+        mask = jax.lax.dynamic_update_slice(mask, live.astype(jnp.float32)[:, None], (0, step))
+        return step + 1, tok, done | is_stop(tok), tokens, logps, mask, cache
+
+    carry = (jnp.asarray(1, jnp.int32), tok, done, tokens, logps, mask, cache)
+    _, _, _, tokens, logps, mask, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens, mask, logps
+
+
+_STATIC = ("graphdef", "max_new_tokens", "top_k", "greedy", "use_top_p", "pad_id", "cache_dtype")
+decode_jit = jax.jit(decode, static_argnames=_STATIC)
+"""``decode`` jitted with its static arguments; the compile cache is keyed on them and
+on the array shapes, so repeated calls with the same bucket do not retrace."""
+
+
+# ----------------------------------------------------------------------------- host side
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Padded prompt length for n tokens: the next power of two >= max(n, minimum)
+    up to 1024, then the next multiple of 512 (bounded padding waste, few buckets)."""
+    if n <= 1024:
+        return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    return -(-n // 512) * 512
+
+
+def _normalise_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """list[list[int]] or (ids [B, P], mask [B, P]) -> left-padded int32 numpy (ids, mask)."""
+    if isinstance(prompts, tuple) and len(prompts) == 2 and not isinstance(prompts[0], (int, np.integer)) \
+            and np.ndim(prompts[0]) == 2:
+        ids = np.asarray(prompts[0]).astype(np.int32)
+        mask = np.asarray(prompts[1]).astype(np.int32)
+        if ids.shape != mask.shape:
+            raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must have the same shape [B, P]")
+        if ids.shape[0] == 0:
+            raise ValueError("no prompts given (B = 0)")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("prompt mask must contain only 0 and 1")
+        lens = mask.sum(1)
+        empty = np.flatnonzero(lens == 0)
+        if empty.size:
+            raise ValueError(f"empty prompt(s) at row(s) {empty.tolist()}: every prompt needs >= 1 token")
+        # Left padding: zeros then ones in every row.
+        if (np.diff(mask, axis=1) < 0).any():
+            bad = np.flatnonzero((np.diff(mask, axis=1) < 0).any(1)).tolist()
+            raise ValueError(f"prompts must be LEFT-padded (mask 0...0 1...1); rows {bad} are not")
+        return np.where(mask == 1, ids, pad_id).astype(np.int32), mask
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given (empty list)")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"empty prompt(s) at index {empty}: every prompt needs >= 1 token")
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _eos_array(eos_id) -> np.ndarray:
+    if eos_id is None:
+        return np.zeros((0,), np.int32)
+    if isinstance(eos_id, (int, np.integer)):
+        return np.asarray([eos_id], np.int32)
+    return np.asarray(sorted(set(int(e) for e in eos_id)), np.int32)
+
+
+def _max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "max_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return None
+
+
+def generate(
+    model: nnx.Module, prompts: Sequence[Sequence[int]] | tuple[Any, Any], *,
+    max_new_tokens: int, temperature: float, key: jax.Array, top_p: float = 1.0,
+    top_k: int = 0, eos_id: int | Sequence[int] | None, num_samples: int = 1,
+    pad_id: int = 0, max_len: int | None = None, cache_dtype: Any = None,
+) -> Rollout:
+    """Sample ``num_samples`` responses per prompt with a KV cache, in one jitted call.
+
+    prompts: list of token-id lists (any lengths >= 1) or (ids [B0, P0], mask [B0, P0])
+      left-padded arrays. Prompts are left-padded to a bucketed length P
+      (``bucket_length``) so shapes, and compiles, are shared across calls.
+    num_samples: G; the batch is B = B0 * G with the G samples of a prompt consecutive.
+    temperature: 0 -> greedy (argmax); > 0 samples from softmax(filtered logits / T).
+    top_p (1.0 = off), top_k (0 = off): truncation, applied after temperature, top-k
+      first. Keep both off for RL (see ``espo_jax.rollout.sampling``).
+    eos_id: a stop token, a list of stop tokens, or None (always N tokens).
+    max_len: cap on prompt + response length; defaults to the model's max positions.
+    Returns a ``Rollout``; arrays stay on device (no host sync).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+    ids, mask = _normalise_prompts(prompts, pad_id)
+    config = model.config
+    vocab = int(config.vocab_size)
+    lens = mask.sum(1)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"prompt token ids must be in [0, {vocab}); got range "
+                         f"[{ids.min()}, {ids.max()}]")
+    limit = max_len if max_len is not None else _max_positions(config)
+    longest = int(lens.max())
+    if limit is not None and longest + max_new_tokens > limit:
+        row = int(np.argmax(lens))
+        raise ValueError(
+            f"prompt {row} has {longest} tokens + max_new_tokens={max_new_tokens} = "
+            f"{longest + max_new_tokens} > {limit} (the cache / max position length: "
+            f"{'max_len' if max_len is not None else 'model.config.max_position_embeddings'})"
+            "; shorten the prompt or lower max_new_tokens")
+
+    plen = bucket_length(longest)
+    if ids.shape[1] > plen:  # over-padded array input: drop all-pad columns on the left
+        ids, mask = ids[:, -plen:], mask[:, -plen:]
+    elif ids.shape[1] < plen:
+        extra = plen - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+        mask = np.pad(mask, ((0, 0), (extra, 0)))
+    if num_samples > 1:
+        ids, mask = np.repeat(ids, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
+
+    greedy = temperature == 0
+    graphdef, state = nnx.split(model)
+    tokens, out_mask, logprobs = decode_jit(
+        graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key,
+        jnp.asarray(1.0 if greedy else temperature, jnp.float32),
+        jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_array(eos_id)),
+        max_new_tokens=int(max_new_tokens), top_k=int(top_k), greedy=bool(greedy),
+        use_top_p=bool(top_p < 1.0), pad_id=int(pad_id), cache_dtype=cache_dtype)
+    return Rollout(prompt_tokens=jnp.asarray(ids), prompt_mask=jnp.asarray(mask),
+                   tokens=tokens, mask=out_mask, logprobs=logprobs,
+                   lengths=out_mask.sum(-1).astype(jnp.int32))

@@ -1,0 +1,98 @@
+"""Logits processors and the per-step token sampler.
+
+Order of operations (the same as Hugging Face's sampling warpers):
+temperature -> top-k -> top-p -> sample. The log-prob returned for a sampled token
+is its log-prob under the distribution it was actually drawn from, i.e.
+``log_softmax(filter(logits / T))`` where ``filter`` sets the logits removed by
+top-k / top-p to -inf and renormalises over the rest.
+
+RL note: the scoring pass (``espo_jax.ops``) recomputes ``log_softmax(logits / T)``
+over the FULL vocabulary. With ``top_p=1.0, top_k=0`` (the default) both agree
+exactly; with truncation the sampler's log-probs are larger by ``-log(kept mass)``
+and the sequences are off-policy for the untruncated policy. Use
+``top_p=1, top_k=0`` for RL rollouts; truncation is meant for evaluation.
+
+Greedy (``temperature == 0``): the token is the argmax of the raw logits and its
+log-prob is reported under the untempered distribution ``log_softmax(logits)``
+(the sampled "distribution" is a point mass, whose log-prob 0 is useless).
+
+Shapes: B rows, V vocabulary. All outputs float32 / int32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def apply_top_k(logits: jax.Array, top_k: int) -> jax.Array:
+    """Keep the ``top_k`` largest logits of each row, set the rest to -inf.
+
+    logits f32[B, V]; ``top_k`` is a static int, 0 (or >= V) disables it.
+    Ties with the k-th value are all kept.
+    """
+    vocab = logits.shape[-1]
+    if top_k <= 0 or top_k >= vocab:
+        return logits
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def apply_top_p(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose
+    probability mass reaches ``top_p``; the rest become -inf.
+
+    logits f32[B, V] (may already contain -inf); top_p scalar in (0, 1] (traced ok).
+    A token is kept when the mass of strictly more likely tokens is < top_p, so the
+    most likely token is always kept. Tokens tied with the last kept one are kept too.
+    """
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p
+    # Smallest kept logit per row is the threshold (kept tokens are a sorted prefix).
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, NEG_INF, logits)
+
+
+def process_logits(
+    logits: jax.Array, temperature: jax.Array | float, top_p: jax.Array | float = 1.0,
+    *, top_k: int = 0, use_top_p: bool | None = None,
+) -> jax.Array:
+    """Temperature-scale and filter logits: f32[B, V] -> f32[B, V] with -inf for
+    removed tokens. ``log_softmax`` of the result is the sampling distribution.
+
+    temperature must be > 0 (greedy is handled by ``sample_step``). ``use_top_p``
+    is the static switch for the (sorting) nucleus filter; None means
+    ``top_p < 1`` and requires a Python ``top_p``.
+    """
+    if use_top_p is None:
+        use_top_p = float(top_p) < 1.0
+    scaled = logits.astype(jnp.float32) / temperature
+    scaled = apply_top_k(scaled, top_k)
+    if use_top_p:
+        scaled = apply_top_p(scaled, top_p)
+    return scaled
+
+
+def sample_step(
+    logits: jax.Array, key: jax.Array, temperature: jax.Array | float,
+    top_p: jax.Array | float = 1.0, *, top_k: int = 0, greedy: bool = False,
+    use_top_p: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row.
+
+    logits f32[B, V], key a PRNG key -> (tokens i32[B], logprobs f32[B]).
+    ``greedy`` (static) takes the argmax and ignores temperature / filters.
+    """
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        filtered = process_logits(logits, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        logp_all = jax.nn.log_softmax(filtered, axis=-1)
+    logprobs = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs

@@ -1,0 +1,93 @@
+"""The per-step sampler: frequencies match the filtered, tempered softmax (chi-square),
+returned log-probs are those of that distribution, greedy is argmax."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from espo_jax.rollout import apply_top_k, apply_top_p, process_logits, sample_step
+
+V = 8
+LOGITS = np.array([2.0, 1.5, 1.2, 0.3, 0.0, -0.4, -1.0, -2.5], np.float32)
+NUM_DRAWS = 40_000
+
+
+def reference_probs(logits, temperature, top_k, top_p):
+    """numpy reference: temperature -> top-k -> top-p, renormalised."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep = np.ones_like(p, bool)
+    if 0 < top_k < len(p):
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    q = np.where(keep, p, 0.0)
+    q /= q.sum()
+    if top_p < 1.0:
+        order = np.argsort(-q)
+        before = np.cumsum(q[order]) - q[order]
+        kept = np.zeros_like(keep)
+        kept[order[before < top_p]] = True
+        q = np.where(kept, q, 0.0)
+        q /= q.sum()
+    return q
+
+
+@pytest.fixture(scope="module")
+def draw():
+    cache = {}
+
+    def run(temperature, top_k, top_p):
+        fn = cache.get((top_k, top_p < 1.0))
+        if fn is None:
+            def one(key, t, p):
+                return sample_step(jnp.asarray(LOGITS)[None], key, t, p, top_k=top_k,
+                                   use_top_p=top_p < 1.0)
+            fn = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
+            cache[(top_k, top_p < 1.0)] = fn
+        keys = jax.random.split(jax.random.key(1234), NUM_DRAWS)
+        tok, logp = fn(keys, jnp.float32(temperature), jnp.float32(top_p))
+        return np.asarray(tok[:, 0]), np.asarray(logp[:, 0])
+
+    return run
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8), (0.9, 5, 0.7), (2.0, 0, 0.5)])
+def test_frequencies_match_filtered_softmax(draw, temperature, top_k, top_p):
+    tokens, logps = draw(temperature, top_k, top_p)
+    expected = reference_probs(LOGITS, temperature, top_k, top_p)
+    counts = np.bincount(tokens, minlength=V)
+    # Filtered tokens are never drawn.
+    assert counts[expected == 0].sum() == 0, (counts, expected)
+    support = expected > 0
+    chi2 = ((counts[support] - NUM_DRAWS * expected[support]) ** 2
+            / (NUM_DRAWS * expected[support])).sum()
+    dof = max(int(support.sum()) - 1, 1)
+    assert chi2 < stats.chi2.ppf(0.9999, dof), (chi2, counts, expected)
+    # Returned log-probs are those of the distribution sampled from.
+    np.testing.assert_allclose(logps, np.log(expected[tokens]), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_is_argmax_with_untempered_logprob():
+    logits = jax.random.normal(jax.random.key(0), (5, 11))
+    tok, logp = sample_step(logits, jax.random.key(1), 0.5, greedy=True)
+    np.testing.assert_array_equal(tok, np.argmax(logits, -1))
+    ref = jax.nn.log_softmax(logits, -1)[jnp.arange(5), tok]
+    np.testing.assert_allclose(logp, ref, rtol=1e-6)
+
+
+def test_filters_keep_at_least_one_token_and_match_reference():
+    logits = jax.random.normal(jax.random.key(3), (4, 16)) * 3
+    for top_k in (1, 4, 16):
+        kept = np.isfinite(np.asarray(apply_top_k(logits, top_k))).sum(-1)
+        np.testing.assert_array_equal(kept, min(top_k, 16))
+    for top_p in (1e-6, 0.3, 0.9, 1.0):
+        out = np.asarray(apply_top_p(logits, top_p))
+        for row, lrow in zip(out, np.asarray(logits)):
+            ref = reference_probs(lrow, 1.0, 0, top_p)
+            np.testing.assert_array_equal(np.isfinite(row), ref > 0)
+    # Temperature scales before filtering; log_softmax of the output is the distribution.
+    out = process_logits(logits, 0.5, 0.9, top_k=6)
+    ref = np.stack([reference_probs(r, 0.5, 6, 0.9) for r in np.asarray(logits)])
+    np.testing.assert_allclose(np.exp(jax.nn.log_softmax(out, -1)), ref, atol=1e-6)
