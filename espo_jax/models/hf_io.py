@@ -1,0 +1,207 @@
+"""Hugging Face checkpoints <-> `Decoder`: memory-mapped safetensors load, sharded export.
+
+Parameter names follow transformers' `*ForCausalLM` layout; our kernels are [in, out]
+(HF Linear weights are [out, in], so they are transposed on the way in and out).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from espo_jax.models.config import ModelConfig
+from espo_jax.models.decoder import Decoder
+from espo_jax.models.dtypes import canonical_dtype, dtype_name
+from espo_jax.models.sharding import DEFAULT_RULES, logical_to_sharding
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Buffers some exporters write that have no parameter counterpart.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+  """Our state path -> (HF tensor name, transpose?)."""
+  keys = [str(p) for p in path]
+  if keys == ["embed_tokens"]:
+    return "model.embed_tokens.weight", False
+  if keys == ["lm_head"]:
+    return "lm_head.weight", True
+  transpose = keys[-1] == "kernel"
+  if transpose:
+    keys[-1] = "weight"
+  return "model." + ".".join(keys), transpose
+
+
+# -- loading ----------------------------------------------------------------------------
+
+def _weight_files(path: str) -> dict[str, str]:
+  """HF tensor name -> file, from the sharded index or the single file(s)."""
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f).get("weight_map")
+    if not weight_map:
+      raise ValueError(f"{index} has no 'weight_map'")
+    files = {n: os.path.join(path, fn) for n, fn in weight_map.items()}
+    for fn in sorted(set(files.values())):
+      if not os.path.isfile(fn):
+        raise FileNotFoundError(f"checkpoint shard listed in {index} not found: {fn}")
+    return files
+  single = os.path.join(path, SINGLE_FILE)
+  candidates = [single] if os.path.isfile(single) else sorted(
+      os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+  if not candidates:
+    raise FileNotFoundError(
+        f"no safetensors weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE}")
+  files = {}
+  for fn in candidates:
+    with safe_open(fn, framework="numpy") as f:
+      files.update({k: fn for k in f.keys()})
+  return files
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh=None,
+                    rules=None, param_dtype: Any = None, **config_overrides) -> Decoder:
+  """Loads an HF directory (config.json + *.safetensors) into a `Decoder`.
+
+  dtype: compute dtype ("bfloat16", "float32", or a jnp dtype); param_dtype defaults to it.
+  mesh/rules: when a mesh is given, each tensor is read (memory-mapped, only the slices a
+    device needs) straight onto NamedSharding(mesh, rules[logical axes]); rules default to
+    `espo_jax.models.sharding.DEFAULT_RULES`. Without a mesh, plain `jax.device_put`.
+  config_overrides: ModelConfig fields, e.g. remat=True.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint directory not found: {path}")
+  cfg = ModelConfig.from_hf(path, **config_overrides)
+  dtype = canonical_dtype(dtype)
+  param_dtype = canonical_dtype(param_dtype) if param_dtype is not None else dtype
+  files = _weight_files(path)
+
+  abstract = nnx.eval_shape(
+      lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+  graphdef, abs_state = nnx.split(abstract)
+  rules = DEFAULT_RULES if rules is None else rules
+
+  handles: dict[str, Any] = {}
+
+  def tensor(name):
+    fn = files.get(name)
+    if fn is None:
+      raise KeyError(f"tensor {name!r} not found in checkpoint {path}")
+    if fn not in handles:
+      handles[fn] = safe_open(fn, framework="numpy")
+    return handles[fn].get_slice(name)
+
+  used = set()
+  flat = []
+  for key, var in nnx.to_flat_state(abs_state):
+    shape, names = var.value.shape, var.get_metadata().get("out_sharding")
+    name, transpose = hf_name(key)
+    sl = tensor(name)
+    used.add(name)
+    hf_shape = tuple(sl.get_shape())
+    want = tuple(reversed(shape)) if transpose else tuple(shape)
+    if hf_shape != want:
+      raise ValueError(f"tensor {name!r} in {files[name]} has shape {hf_shape}, "
+                       f"expected {want} from config.json")
+
+    def read(idx, sl=sl, transpose=transpose, ndim=len(shape)):
+      idx = tuple(idx) + (slice(None),) * (ndim - len(tuple(idx)))
+      if transpose:
+        return np.ascontiguousarray(sl[idx[::-1]].T).astype(param_dtype)
+      return np.asarray(sl[idx]).astype(param_dtype)
+
+    if mesh is not None:
+      sharding = logical_to_sharding(names or (None,) * len(shape), shape, mesh, rules)
+      arr = jax.make_array_from_callback(shape, sharding, read)
+    else:
+      arr = jax.device_put(read(()))
+    flat.append((key, var.replace(arr)))
+  unused = sorted(n for n in files if n not in used and not _IGNORED.match(n)
+                  and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+  if unused:
+    warnings.warn(f"{len(unused)} checkpoint tensors were not used, e.g. {unused[:5]}")
+  handles.clear()
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# -- saving -----------------------------------------------------------------------------
+
+def _parse_size(size) -> int:
+  if isinstance(size, (int, np.integer)):
+    return int(size)
+  m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(size), re.I)
+  if not m:
+    raise ValueError(f"max_shard_size must be an int (bytes) or like '5GB', got {size!r}")
+  unit = (m.group(2) or "B").upper()
+  mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+  return int(float(m.group(1)) * mult)
+
+
+def save_pretrained(model: Decoder, path: str | os.PathLike, *, max_shard_size="5GB",
+                    dtype: Any = None) -> None:
+  """Writes config.json + safetensors (sharded with an index above `max_shard_size`).
+
+  dtype: storage dtype (default: each parameter's own dtype). The directory loads with
+  `transformers.AutoModelForCausalLM.from_pretrained(path)`.
+  """
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  limit = _parse_size(max_shard_size)
+  store = canonical_dtype(dtype) if dtype is not None else None
+
+  tensors = {}
+  for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, transpose = hf_name(key)
+    arr = np.asarray(jax.device_get(var.value))
+    if transpose:
+      arr = arr.T
+    if store is not None:
+      arr = arr.astype(store)
+    tensors[name] = np.ascontiguousarray(arr)
+
+  shards, cur, cur_size = [], {}, 0
+  for name in sorted(tensors):
+    n = tensors[name].nbytes
+    if cur and cur_size + n > limit:
+      shards.append(cur)
+      cur, cur_size = {}, 0
+    cur[name] = tensors[name]
+    cur_size += n
+  shards.append(cur)
+
+  for stale in (SINGLE_FILE, INDEX_FILE):
+    if os.path.exists(os.path.join(path, stale)):
+      os.remove(os.path.join(path, stale))
+  meta = {"format": "pt"}
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(path, SINGLE_FILE), metadata=meta)
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(path, fn), metadata=meta)
+      weight_map.update({n: fn for n in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": weight_map}
+    with open(os.path.join(path, INDEX_FILE), "w") as f:
+      json.dump(index, f, indent=2)
+
+  hf = model.config.to_hf()
+  stored = store or tensors["model.embed_tokens.weight"].dtype
+  hf["dtype"] = dtype_name(stored)
+  hf.pop("torch_dtype", None)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)

@@ -1,0 +1,165 @@
+"""Building blocks: Linear, RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Parameters carry logical axis names (`out_sharding` metadata, not applied eagerly) from
+{"vocab", "embed", "heads", "kv_heads", "mlp", "norm"}; kernels are [in, out].
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from espo_jax.models.config import ModelConfig
+
+# Finite "minus infinity": fully masked rows (left padding queries) stay NaN-free.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def param(value, names) -> nnx.Param:
+  """A parameter annotated with logical axis names (sharding applied later by the loader)."""
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel[in, out] (+ bias[out]), computed in `dtype`."""
+
+  def __init__(self, din, dout, names, *, bias, rngs, dtype, param_dtype):
+    init = jax.nn.initializers.normal(0.02)
+    self.kernel = param(init(rngs.params(), (din, dout), param_dtype), names)
+    self.bias = param(jnp.zeros((dout,), param_dtype), names[1:]) if bias else None
+    self.dtype = dtype
+
+  def __call__(self, x):
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """HF semantics: normalise in float32, cast to `dtype`, then scale by the weight."""
+
+  def __init__(self, dim, *, eps, dtype, param_dtype):
+    self.weight = param(jnp.ones((dim,), param_dtype), ("norm",))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x, out_dtype=None):
+    out_dtype = out_dtype or self.dtype
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(out_dtype) * y.astype(out_dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+  """Inverse frequencies f32[head_dim/2], with the configured scaling applied."""
+  hd = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  r = cfg.rope
+  if cfg.rope_type == "linear":
+    inv = inv / r["factor"]
+  elif cfg.rope_type == "llama3":
+    factor, lo, hi = r["factor"], r["low_freq_factor"], r["high_freq_factor"]
+    old = r["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    inv = jnp.where(wavelen > old / lo, inv / factor, jnp.where(wavelen < old / hi, inv, mid))
+  return inv
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotate-half RoPE. x [B,T,N,hd]; positions i32[B,T]; computed in f32."""
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,hd/2]
+  cos = jnp.cos(ang)[:, :, None, :]
+  sin = jnp.sin(ang)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def gqa_attention(q, k, v, mask):
+  """Grouped-query attention without repeating kv heads.
+
+  q [B,T,H,hd]; k, v [B,S,K,hd] (H = K*G); mask bool[B,T,S] (True = may attend).
+  Scores and softmax in float32. Returns [B,T,H,hd] in q.dtype.
+  """
+  b, t, h, hd = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, h // kh, hd)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  s = s * (1.0 / math.sqrt(hd))
+  s = jnp.where(mask[:, None, None, :, :], s, _MASK_VALUE)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  o = jnp.einsum("bkgts,bskd->btkgd", p, v)
+  return o.reshape(b, t, h, hd)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+    d, hd = cfg.hidden_size, cfg.head_dim
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.q_proj = Linear(d, cfg.num_heads * hd, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
+    self.k_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+    self.v_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+    self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), bias=cfg.o_bias, **kw)
+    nkw = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.q_norm = RMSNorm(hd, **nkw) if cfg.qk_norm else None
+    self.k_norm = RMSNorm(hd, **nkw) if cfg.qk_norm else None
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+
+  def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
+    """x [B,T,D]; mask bool[B,T,S]. cache: {"k","v"} [B,S,K,hd] or None. Returns (y, cache)."""
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if cache is not None:
+      idx = (0, cache_index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
+      cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
+      cache = {"k": ck, "v": cv}
+      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+    o = gqa_attention(q, k, v, mask)
+    return self.o_proj(o.reshape(b, t, -1)), cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.gate_proj = Linear(d, f, ("embed", "mlp"), **kw)
+    self.up_proj = Linear(d, f, ("embed", "mlp"), **kw)
+    self.down_proj = Linear(f, d, ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder layer: x + attn(norm(x)); x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    nkw = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, **nkw)
+    self.self_attn = Attention(cfg, **kw)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **nkw)
+    self.mlp = MLP(cfg, **kw)
+
+  def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
+    h, cache = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq,
+                              cache, cache_index)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, cache

@@ -1,0 +1,61 @@
+"""Logical axis names -> mesh `PartitionSpec` / `NamedSharding`.
+
+`rules` maps a logical name ("vocab", "embed", "heads", "kv_heads", "mlp", "norm") to a
+mesh axis name, a tuple of names, or None. Either a mapping or a sequence of
+(logical, mesh_axes) pairs (first match wins, as in flax's logical rules). A mesh axis
+is used at most once per spec, axes absent from the mesh are dropped, and a dimension
+the mesh axes do not divide is replicated rather than failing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# Used by `from_pretrained(mesh=...)` when no rules are given: FSDP on the model width,
+# tensor parallelism on heads / mlp / vocab.
+DEFAULT_RULES = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+
+def _lookup(rules, name):
+  if isinstance(rules, Mapping):
+    return rules.get(name)
+  for key, axes in rules:
+    if key == name:
+      return axes
+  return None
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=DEFAULT_RULES) -> PartitionSpec:
+  """PartitionSpec for an array of `shape` whose dims carry logical `names`."""
+  if len(names) != len(shape):
+    raise ValueError(f"logical names {tuple(names)} do not match shape {tuple(shape)}")
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(names, shape):
+    axes = _lookup(rules, name) if name is not None else None
+    if axes is None:
+      out.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in axes if a in mesh.shape and a not in used)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if not axes or size == 1 or dim % size:
+      out.append(None)
+      continue
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*out)
+
+
+def logical_to_sharding(names, shape, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
