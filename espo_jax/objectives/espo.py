@@ -1,0 +1,92 @@
+"""ESPO: entropy-grouped importance ratios with entropy-adaptive clipping (arXiv 2512.00499).
+
+Per response i, tokens are split into entropy groups tau (see grouping.py). For each group:
+  s_tau = exp(clamp(mean_{t in tau} Delta_t))                        (Eq. 10)
+  eps_tau = alpha * mean_{t in tau}(e_t) / ln V   (adaptive)          (Eq. 8)
+  s_t = exp(logp_t - sg(logp_t) + sg(log s_tau))  ("group") or sg(s_tau) r_t
+  l_t = -min(s_t A_t, clip(s_t, 1-eps_tau, 1+eps_tau) A_t)
+  loss = sum_t l_t / (N_seq * K_i * |tau(t)|)                         (Eq. 5)
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from espo_jax.objectives import aggregation, metrics
+from espo_jax.objectives.clipping import clipped_surrogate
+from espo_jax.objectives.grouping import group_ids, num_group_ids
+from espo_jax.objectives.ratios import group_ratio_token_form, group_times_token_ratio
+
+
+def _group_stats(batch, delta, *, grouping, top_fraction, num_groups, entropy_edges):
+    """Per-token group statistics, all f32.
+
+    Returns (onehot [B,T,K] or None, mean log-ratio [B,T], mean entropy [B,T],
+    group size [B,T], non-empty groups per sequence [B], per-group (count, mean entropy) [B,K]).
+    """
+    if grouping == "token":  # each token alone: its group statistics are its own values
+        return (None, delta, batch.entropy, batch.valid, batch.lengths.astype(jnp.float32), None)
+    T = delta.shape[-1]
+    K = num_group_ids(grouping, num_groups, entropy_edges, T)
+    g = group_ids(batch.entropy, batch.mask, grouping, top_fraction, num_groups, entropy_edges)
+    # One-hot over the (small, static) number of groups; elementwise products and sums keep
+    # full f32 precision (a dot/einsum could run in TF32 on GPUs).
+    onehot = (g[..., None] == jnp.arange(K, dtype=jnp.int32)).astype(jnp.float32)
+    count = jnp.sum(onehot, axis=1)  # [B, K]
+    inv = aggregation.safe_inverse(count)
+    mean_delta = jnp.sum(onehot * delta[..., None], axis=1) * inv
+    mean_ent = jnp.sum(onehot * batch.entropy[..., None], axis=1) * inv
+    to_tokens = lambda x: jnp.sum(onehot * x[:, None, :], axis=-1)
+    n_groups = jnp.sum(count > 0, axis=-1).astype(jnp.float32)
+    return onehot, to_tokens(mean_delta), to_tokens(mean_ent), to_tokens(count), n_groups, (count, mean_ent)
+
+
+def _eps(mean_entropy, *, clip_mode, alpha, vocab_size, eps_min, eps_max):
+    eps = alpha * mean_entropy / math.log(vocab_size)
+    if eps_min is not None:
+        eps = jnp.maximum(eps, eps_min)
+    if eps_max is not None:
+        eps = jnp.minimum(eps, eps_max)
+    return eps
+
+
+def espo(batch, *, grouping, top_fraction, num_groups, entropy_edges, token_ratio, clip_mode,
+         alpha, vocab_size, eps_min, eps_max, clip_low, clip_high, max_log_ratio):
+    delta = batch.logp - batch.old
+    onehot, g_delta, g_ent, g_size, n_groups, per_group = _group_stats(
+        batch, delta, grouping=grouping, top_fraction=top_fraction, num_groups=num_groups,
+        entropy_edges=entropy_edges)
+    eps_kw = dict(clip_mode=clip_mode, alpha=alpha, vocab_size=vocab_size, eps_min=eps_min, eps_max=eps_max)
+    if clip_mode == "adaptive":
+        eps = _eps(g_ent, **eps_kw)
+        lo, hi = 1.0 - eps, 1.0 + eps
+    else:
+        lo, hi = 1.0 - clip_low, 1.0 + clip_high
+        eps = jnp.full_like(delta, 0.5 * (clip_low + clip_high))
+    if token_ratio == "group":
+        ratio = group_ratio_token_form(batch.logp, g_delta, max_log_ratio)
+    else:
+        ratio = group_times_token_ratio(delta, g_delta, max_log_ratio)
+    loss, clipped = clipped_surrogate(ratio, batch.adv, lo, hi)
+    weights = aggregation.group_mean(batch, n_groups, g_size)
+
+    out = metrics.base_metrics(ratio, clipped, batch)
+    out["eps_mean"] = metrics.masked_mean(eps, batch.valid)
+    nonempty = (batch.lengths > 0).astype(jnp.float32)
+    out["groups_per_seq"] = metrics.masked_mean(n_groups, nonempty)
+    if onehot is not None:
+        count, mean_ent = per_group
+        if clip_mode == "adaptive":
+            eps_group = _eps(mean_ent, **eps_kw)
+        else:
+            eps_group = jnp.full_like(mean_ent, 0.5 * (clip_low + clip_high))
+        clipped_f = clipped.astype(jnp.float32)
+        for k in range(onehot.shape[-1]):
+            tok = onehot[..., k]
+            present = (count[:, k] > 0).astype(jnp.float32)
+            out[f"group{k}/entropy_mean"] = metrics.masked_mean(batch.entropy, tok)
+            out[f"group{k}/eps_mean"] = metrics.masked_mean(eps_group[:, k], present)
+            out[f"group{k}/token_share"] = metrics.masked_mean(tok, batch.valid)
+            out[f"group{k}/clip_frac"] = metrics.masked_mean(clipped_f, tok)
+    return loss, weights, out
