@@ -48,6 +48,19 @@ class Rollout(NamedTuple):
 
 # ----------------------------------------------------------------------------- core
 
+def _last_logits(model, ids, positions, kv_mask, cache, cache_index):
+    """Logits f32[B, V] of the LAST input position only, and the updated cache.
+
+    Unembeds only the last hidden state: a full prefill would otherwise materialise
+    f32[B, P, V] logits (GBs for long prompts and 150k vocabularies).
+    """
+    hidden, cache = model.hidden_states(ids, positions, attention_mask=kv_mask, cache=cache,
+                                        cache_index=cache_index)
+    w = model.unembedding().astype(jnp.float32)
+    logits = jnp.dot(hidden[:, -1].astype(jnp.float32), w, preferred_element_type=jnp.float32)
+    return logits, cache
+
+
 def decode(
     graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array, prompt_mask: jax.Array,
     key: jax.Array, temperature: jax.Array, top_p: jax.Array, eos_ids: jax.Array, *,
@@ -76,9 +89,9 @@ def decode(
     # Prefill: all prompt tokens at slots [0, P); the last slot is a real token.
     cache = model.init_cache(batch, plen + n, dtype=cache_dtype)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    logits, cache = model(prompt_ids.astype(jnp.int32), positions, attention_mask=kv_mask,
-                          cache=cache, cache_index=jnp.asarray(0, jnp.int32))
-    tok, logp = sample(logits[:, -1], jax.random.fold_in(key, 0))
+    logits, cache = _last_logits(model, prompt_ids.astype(jnp.int32), positions, kv_mask,
+                                 cache, jnp.asarray(0, jnp.int32))
+    tok, logp = sample(logits, jax.random.fold_in(key, 0))
 
     tokens = jnp.full((batch, n), pad_id, jnp.int32).at[:, 0].set(tok)
     logps = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(logp)
@@ -93,9 +106,8 @@ def decode(
         step, prev, done, tokens, logps, mask, cache = carry
         # Feed token step-1 (slot P+step-1) to get the distribution of token `step`.
         pos = (prompt_len + step - 1)[:, None]
-        logits, cache = model(prev[:, None], pos, attention_mask=kv_mask, cache=cache,
-                              cache_index=plen + step - 1)
-        tok, logp = sample(logits[:, -1], jax.random.fold_in(key, step))
+        logits, cache = _last_logits(model, prev[:, None], pos, kv_mask, cache, plen + step - 1)
+        tok, logp = sample(logits, jax.random.fold_in(key, step))
         live = ~done
         tok = jnp.where(live, tok, pad_id)
         logp = jnp.where(live, logp, 0.0)
