@@ -1,0 +1,155 @@
+"""Multi-host set-up: one program on every host, each host feeding its share of the batch.
+
+Call ``setup_distributed(config)`` first thing in ``main`` (before anything touches a
+jax device). It
+
+  * turns on ``jax_threefry_partitionable`` so random bits (sampled tokens, dropout) are
+    a function of the key and the *global* shape only, not of the mesh: a run on 1 chip
+    and on 256 chips samples the same tokens;
+  * calls ``jax.distributed.initialize()`` when ``config.distributed.initialize`` is true
+    or the environment shows a multi-host launch:
+      - ``JAX_COORDINATOR_ADDRESS`` (+ ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``): any
+        cluster, e.g. multi-node GPU launched by hand / mpirun / torchrun-style scripts;
+      - SLURM (``SLURM_JOB_ID`` with ``SLURM_NTASKS`` > 1): jax reads the node list and
+        task ids itself;
+      - Open MPI (``OMPI_COMM_WORLD_SIZE`` > 1): jax's mpi4py-free OMPI detection;
+      - Cloud TPU pod slices (``TPU_WORKER_HOSTNAMES`` with several hosts, or
+        ``MEGASCALE_COORDINATOR_ADDRESS`` for multi-slice): jax asks the TPU metadata
+        server for everything, no arguments needed.
+    Explicit ``config.distributed.{coordinator_address,num_processes,process_id}``
+    override the detection.
+
+Host-local data: each process loads ``host_slice(n, process_index, process_count)`` of
+the prompts and turns its rows into one global array with ``host_local_to_global``.
+Only ``is_main_process()`` writes metrics, plots and exported models; orbax
+checkpoints must be saved/restored by *every* process (orbax coordinates them).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+log = logging.getLogger(__name__)
+
+_MULTIHOST_ENV_DOC = {
+    "JAX_COORDINATOR_ADDRESS": "explicit coordinator host:port (all launches)",
+    "SLURM_NTASKS": "SLURM job with more than one task",
+    "OMPI_COMM_WORLD_SIZE": "Open MPI launch with more than one rank",
+    "TPU_WORKER_HOSTNAMES": "Cloud TPU pod slice with more than one worker",
+    "MEGASCALE_COORDINATOR_ADDRESS": "multi-slice TPU",
+}
+
+
+def _int_env(name: str, env: dict[str, str]) -> int:
+    try:
+        return int(env.get(name, "0") or 0)
+    except ValueError:
+        return 0
+
+
+def detect_multihost(env: dict[str, str] | None = None) -> str | None:
+    """Returns the reason a multi-host launch is detected (an env var), or None."""
+    env = dict(os.environ if env is None else env)
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if env.get("SLURM_JOB_ID") and _int_env("SLURM_NTASKS", env) > 1:
+        return "SLURM_NTASKS"
+    if _int_env("OMPI_COMM_WORLD_SIZE", env) > 1:
+        return "OMPI_COMM_WORLD_SIZE"
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return "TPU_WORKER_HOSTNAMES"
+    if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "MEGASCALE_COORDINATOR_ADDRESS"
+    return None
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    try:
+        return getattr(cfg, key)
+    except (AttributeError, KeyError):
+        return default
+
+
+def setup_distributed(config: Any = None, *, env: dict[str, str] | None = None) -> bool:
+    """Partitionable RNG on; ``jax.distributed.initialize()`` when asked or detected.
+
+    Args:
+      config: the run config (or None); reads ``config.distributed.initialize`` (bool)
+        and optional ``coordinator_address`` / ``num_processes`` / ``process_id`` /
+        ``local_device_ids``.
+    Returns: True when ``jax.distributed`` is (now) initialised.
+    """
+    jax.config.update("jax_threefry_partitionable", True)
+    dcfg = _get(config, "distributed")
+    wanted = bool(_get(dcfg, "initialize", False))
+    reason = "config.distributed.initialize" if wanted else detect_multihost(env)
+    if reason is None:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    kwargs = {}
+    for key in ("coordinator_address", "num_processes", "process_id", "local_device_ids"):
+        v = _get(dcfg, key)
+        if v not in (None, "", -1):
+            kwargs[key] = v
+    log.info("jax.distributed.initialize(%s) (reason: %s)", kwargs, reason)
+    jax.distributed.initialize(**kwargs)
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def is_main_process() -> bool:
+    """True on the host that writes metrics, plots, summaries and exports."""
+    return jax.process_index() == 0
+
+
+def host_slice(n: int, process_index: int | None = None,
+               process_count: int | None = None) -> slice:
+    """This host's contiguous share of ``n`` global rows (prompts, sequences).
+
+    ``n`` must divide evenly: every host must contribute the same number of rows to a
+    global batch.
+    """
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    if not 0 <= pi < pc:
+        raise ValueError(f"host_slice: process_index {pi} not in [0, {pc})")
+    if n % pc:
+        raise ValueError(f"host_slice: {n} rows cannot be split evenly over {pc} processes; "
+                         f"make the global batch a multiple of {pc}")
+    k = n // pc
+    return slice(pi * k, (pi + 1) * k)
+
+
+def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
+    """Host-local rows [B/num_hosts, ...] -> global jax.Arrays [B, ...] over ("data","fsdp").
+
+    On one host this is just a sharded ``device_put``. Rows of process i must be
+    ``host_slice(B, i)`` of the global batch (the mesh's device order keeps hosts'
+    devices contiguous along the batch axes when "tensor" stays within a host).
+    0-d leaves must be identical on every host and are replicated.
+    """
+    from espo_jax.train.mesh import batch_sharding, replicated
+
+    bs, rep = batch_sharding(mesh), replicated(mesh)
+
+    def one(x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.device_put(x, rep)
+        if jax.process_count() == 1:
+            return jax.device_put(x, bs)
+        return jax.make_array_from_process_local_data(bs, x)
+
+    return jax.tree.map(one, tree)
