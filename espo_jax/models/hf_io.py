@@ -106,7 +106,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh=
   used = set()
   flat = []
   for key, var in nnx.to_flat_state(abs_state):
-    shape, names = var.value.shape, var.get_metadata().get("out_sharding")
+    shape, names = var.get_value().shape, var.get_metadata().get("out_sharding")
     name, transpose = hf_name(key)
     sl = tensor(name)
     used.add(name)
@@ -165,7 +165,7 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, max_shard_size="
   tensors = {}
   for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name, transpose = hf_name(key)
-    arr = np.asarray(jax.device_get(var.value))
+    arr = np.asarray(jax.device_get(var.get_value()))
     if transpose:
       arr = arr.T
     if store is not None:
