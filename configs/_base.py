@@ -1,0 +1,135 @@
+"""Shared config blocks (objectives, training, DAPO, eval, checkpoints, mesh) for configs/*.py (files starting with "_" are helpers, not configs).
+
+Every key a user may override exists here, so a locked ConfigDict rejects typos with a
+message naming the key. Objective hyper-parameters default to ESPO.md; when
+``espo_jax.objectives.OBJECTIVES`` is importable its declared defaults win.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+OBJECTIVE_NAMES = ("espo", "grpo", "dapo", "gspo", "gmpo", "cispo")
+
+# ESPO.md defaults (fallback when the registry cannot be read). Runtime-only arguments
+# (vocab_size) and the KL weight (train.beta) are not objective config keys.
+_FALLBACK = {
+    "grpo": dict(clip_low=0.2, clip_high=0.2, clip_ratio_c=None, max_log_ratio=20.0),
+    "dapo": dict(clip_low=0.2, clip_high=0.28, clip_ratio_c=None, max_log_ratio=20.0),
+    "gspo": dict(clip_low=3e-4, clip_high=4e-4, max_log_ratio=20.0),
+    "gmpo": dict(clip_low=0.4, clip_high=0.4, max_log_ratio=20.0),
+    "cispo": dict(clip_low=None, clip_high=4.0, max_log_ratio=20.0),
+    "espo": dict(alpha=0.02, grouping="top_fraction", top_fraction=0.2, num_groups=2,
+                 entropy_edges=None, clip_mode="adaptive", clip_low=3e-4, clip_high=4e-4,
+                 token_ratio="group", eps_min=None, eps_max=None, max_log_ratio=20.0),
+}
+_RUNTIME_KEYS = ("vocab_size", "beta", "counts", "ref_logp")
+
+
+def _registry_defaults(name: str) -> dict | None:
+    """Default hparams declared by espo_jax.objectives.OBJECTIVES[name], if readable."""
+    try:
+        from espo_jax.objectives import OBJECTIVES  # noqa: PLC0415
+    except Exception:  # noqa: BLE001 - objectives not importable: use ESPO.md defaults
+        return None
+    spec = OBJECTIVES.get(name)
+    if spec is None:
+        return None
+    for attr in ("defaults", "hparams", "default_hparams"):
+        d = spec.get(attr) if isinstance(spec, dict) else getattr(spec, attr, None)
+        if hasattr(d, "items"):
+            return dict(d)
+    return dict(spec) if isinstance(spec, dict) else None
+
+
+def objective_defaults(name: str) -> dict:
+    d = _registry_defaults(name)
+    if d is None:
+        d = dict(_FALLBACK[name])
+    out = {}
+    for k, v in d.items():
+        if k in _RUNTIME_KEYS:
+            continue
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _field(v):
+    # None fields are typed by their later value; give those that hold numbers a placeholder
+    # FieldReference so `--config.objective.cispo.clip_low=0.2` works on a locked dict.
+    if v is None:
+        return ml_collections.FieldReference(None, field_type=object)
+    return v
+
+
+def objective_block(name: str) -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    o.name = name
+    for n in OBJECTIVE_NAMES:
+        o[n] = ml_collections.ConfigDict({k: _field(v) for k, v in objective_defaults(n).items()})
+    return o
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys with neutral defaults; experiment files override values."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_steps = 10
+
+    c.model = ml_collections.ConfigDict(dict(path="", dtype="float32", remat=False))
+    c.task = ml_collections.ConfigDict(dict(
+        name="arith", train_file="", eval_file="", num_train=2048, num_eval=64,
+        # "{prompt}" is replaced by the example's prompt; "chat" uses the tokenizer's chat
+        # template around the (templated) user message given by task.chat_user_template.
+        prompt_template="{prompt}", chat_user_template="{prompt}", num_reward_workers=0))
+    c.rollout = ml_collections.ConfigDict(dict(
+        prompts_per_step=16, group_size=8, max_new_tokens=32, temperature=1.0,
+        top_p=1.0, top_k=0))
+    c.objective = objective_block("espo")
+    c.advantage = ml_collections.ConfigDict(dict(estimator="grpo", valid_only=False))
+    c.train = ml_collections.ConfigDict(dict(
+        num_epochs=1, num_minibatches=2, micro_batch_size=0,  # 0 = whole minibatch at once
+        lr=1e-6, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        grad_clip=1.0, max_nonfinite_in_a_row=3, beta=0.0))
+    c.dapo = ml_collections.ConfigDict(dict(
+        dynamic_sampling=False, max_sampling_tries=3,
+        overlong=ml_collections.ConfigDict(dict(enable=False, max_len=0, buffer=0, penalty=1.0))))
+    c.eval = ml_collections.ConfigDict(dict(
+        every=10, num_examples=64, num_samples=1, temperature=0.0, max_new_tokens=32,
+        batch_size=0))  # num_samples = k of avg@k (k > 1 samples at eval.temperature)
+    c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
+    c.score = ml_collections.ConfigDict(dict(chunk_size=1024))
+    c.dump = ml_collections.ConfigDict(dict(every=0))  # rollout dumps under workdir/dumps/
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.distributed = ml_collections.ConfigDict(dict(initialize=False))
+    c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))
+    return c
+
+
+def apply_objective(c: ml_collections.ConfigDict, name: str) -> None:
+    """Select objective ``name``; 'dapo' also turns on dynamic sampling and overlong shaping."""
+    if name not in OBJECTIVE_NAMES:
+        raise ValueError(f"unknown objective {name!r}; expected one of {OBJECTIVE_NAMES}")
+    c.objective.name = name
+    if name == "dapo":
+        c.dapo.dynamic_sampling = True
+        c.dapo.overlong.enable = True
+        n = c.rollout.max_new_tokens
+        c.dapo.overlong.max_len = n
+        c.dapo.overlong.buffer = max(1, n // 4)
+
+
+def parse_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[set[str], str | None]:
+    """'smoke,gspo' -> ({'smoke'}, 'gspo'); errors name the bad token."""
+    flags, objective = set(), None
+    for tok in (arg or "").split(","):
+        tok = tok.strip()
+        if not tok:
+            continue
+        if tok in variants:
+            flags.add(tok)
+        elif tok in OBJECTIVE_NAMES:
+            objective = tok
+        else:
+            raise ValueError(f"unknown config variant {tok!r}; expected any of {variants} "
+                             f"and/or an objective name {OBJECTIVE_NAMES}")
+    return flags, objective

@@ -1,0 +1,73 @@
+"""The embedded demo: ESPO on multi-step arithmetic with a tiny warm-started Qwen3 policy.
+
+Run (``make demo``)::
+
+    python -m espo_jax.main --config=configs/default.py --workdir=runs/demo
+
+Variants (``--config=configs/default.py:ARG``, ARG a comma list):
+  smoke            a < 1 minute run (2 steps, tiny batch, checkpoint) for the tests
+  espo|grpo|dapo|gspo|gmpo|cispo
+                   select the objective (``dapo`` also turns on dynamic sampling and
+                   overlong shaping), e.g. ``:gspo`` or ``:smoke,dapo``
+Override any key: ``--config.train.lr=1e-4 --config.objective.espo.alpha=0.05``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _base as common  # noqa: E402  (configs/_base.py, next to this file)
+
+
+def _asset_dir() -> str:
+    try:
+        from espo_jax.data import arith  # noqa: PLC0415
+        return str(arith.ASSET_DIR)
+    except Exception:  # noqa: BLE001 - package not importable: relative to the repo
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "espo_jax",
+                            "assets", "arith")
+
+
+def get_config(arg: str | None = None):
+    flags, objective = common.parse_arg(arg, ("smoke",))
+    c = common.base_config()
+    c.seed = 0
+    c.num_steps = 24
+    c.model.path = _asset_dir()
+    c.model.dtype = "float32"
+    c.task.name = "arith"
+    c.task.num_train = 4096
+    c.task.num_eval = 128
+    c.rollout.prompts_per_step = 16
+    c.rollout.group_size = 8
+    c.rollout.max_new_tokens = 48
+    c.rollout.temperature = 1.0
+    c.train.num_epochs = 1
+    c.train.num_minibatches = 2
+    c.train.micro_batch_size = 0
+    c.train.lr = 3e-4
+    c.train.warmup_steps = 2
+    c.train.grad_clip = 1.0
+    c.eval.every = 6
+    c.eval.num_examples = 128
+    c.eval.max_new_tokens = 48
+    c.checkpoint.every = 6
+    c.checkpoint.keep = 2
+    c.score.chunk_size = 64
+    if "smoke" in flags:
+        c.num_steps = 2
+        c.task.num_train = 64
+        c.task.num_eval = 8
+        c.rollout.prompts_per_step = 4
+        c.rollout.group_size = 4
+        c.rollout.max_new_tokens = 16
+        c.train.num_minibatches = 2
+        c.eval.every = 2
+        c.eval.num_examples = 8
+        c.eval.max_new_tokens = 16
+        c.checkpoint.every = 1
+        c.log.progress = False
+    common.apply_objective(c, objective or "espo")
+    c.lock()
+    return c

@@ -1,0 +1,564 @@
+"""The RL loop: rollout -> rewards -> scoring pass -> advantages -> updates -> eval -> checkpoint.
+
+One step k (k = 1..num_steps), everything derived from (seed, k):
+  1. prompts: the k-th block of ``prompts_per_step`` from a seeded per-epoch permutation of
+     the training set;
+  2. G responses per prompt under the current policy (pi_old),
+     key = fold_in(PRNGKey(seed), k); DAPO dynamic sampling drops prompt groups with equal
+     rewards and refills from seeded extra draws (bounded tries);
+  3. rewards (+ DAPO overlong shaping);
+  4. scoring pass: old log-probs and old-policy entropy at the sampling temperature
+     (+ reference log-probs when train.beta > 0);
+  5. advantages (objectives.compute_advantages);
+  6. num_epochs x num_minibatches jitted updates (exact micro-batch accumulation);
+  7. the metrics record ``step = k``; greedy eval every eval.every steps (also at step 0,
+     before the first update, and after the last); checkpoint every checkpoint.every steps
+     and at the end. A workdir with a checkpoint resumes from it; SIGTERM finishes the
+     current step, checkpoints and returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from espo_jax import data as data_lib
+from espo_jax.objectives import compute_advantages
+from espo_jax.rollout import generate
+from espo_jax.train import checkpoint as ckpt_lib
+from espo_jax.train import report, writers
+from espo_jax.train.evaluate import evaluate
+from espo_jax.train.optim import make_optimizer
+from espo_jax.train.state import create_state, state_shardings
+from espo_jax.train.step import make_score_fn, make_train_step
+from espo_jax.train.tasks import build_task, decode_responses, encode_prompts
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after train.max_nonfinite_in_a_row non-finite updates in a row."""
+
+
+# ----------------------------------------------------------------------------- set-up --
+def _mesh_lib():
+    try:
+        from espo_jax.train import mesh as mesh_lib  # noqa: PLC0415
+    except ImportError as e:
+        print(f"WARNING: espo_jax.train.mesh unavailable ({e}); running unsharded", flush=True)
+        return None
+    return mesh_lib
+
+
+def batch_axes_size(mesh) -> int:
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+
+
+def validate(config, mesh=None) -> None:
+    """Clear errors for inconsistent batch settings (names the keys and the numbers)."""
+    r, t = config.rollout, config.train
+    if r.group_size < 2:
+        raise ValueError(f"rollout.group_size must be >= 2 (group-relative advantages), "
+                         f"got {r.group_size}")
+    if r.prompts_per_step < 1:
+        raise ValueError(f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")
+    batch = r.prompts_per_step * r.group_size
+    if t.num_minibatches < 1 or batch % t.num_minibatches:
+        raise ValueError(
+            f"the rollout batch rollout.prompts_per_step * rollout.group_size = "
+            f"{r.prompts_per_step} * {r.group_size} = {batch} is not divisible by "
+            f"train.num_minibatches={t.num_minibatches}")
+    mb = batch // t.num_minibatches
+    if t.micro_batch_size > 0 and mb % t.micro_batch_size:
+        raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must divide the minibatch "
+                         f"size {mb} (= {batch} / train.num_minibatches)")
+    n_dev = batch_axes_size(mesh)
+    micro = t.micro_batch_size if 0 < t.micro_batch_size < mb else mb
+    if micro % n_dev:
+        raise ValueError(
+            f"the (micro-)batch size {micro} is not divisible by the mesh's batch axes "
+            f"data x fsdp = {n_dev} devices; change rollout.prompts_per_step, "
+            f"train.num_minibatches, train.micro_batch_size or mesh.*")
+    if t.num_epochs < 1:
+        raise ValueError(f"train.num_epochs must be >= 1, got {t.num_epochs}")
+    if config.num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {config.num_steps}")
+    if config.objective.name not in config.objective:
+        raise ValueError(f"objective.name={config.objective.name!r} has no objective.{config.objective.name} block")
+
+
+def objective_hparams(config, vocab_size: int) -> dict:
+    """The selected objective's hyper-parameters from config (+ runtime vocab_size, beta)."""
+    name = config.objective.name
+    hp = dict(config.objective[name].to_dict())
+    hp = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hp.items()}
+    if name == "espo":
+        hp["vocab_size"] = int(vocab_size)
+    if config.train.beta > 0:
+        hp["beta"] = float(config.train.beta)
+    return hp
+
+
+def _dtype(name: str):
+    try:
+        return jnp.dtype(name)
+    except TypeError as e:
+        raise ValueError(f"model.dtype: unknown dtype {name!r}") from e
+
+
+def load_policy(config, mesh, mesh_lib):
+    """(model, tokenizer), with clear errors for a missing directory or a vocab mismatch."""
+    from espo_jax.models import from_pretrained  # noqa: PLC0415
+
+    path = pathlib.Path(config.model.path)
+    if not config.model.path or not path.is_dir():
+        raise FileNotFoundError(f"model.path: model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: {path} has no config.json (expected a Hugging "
+                                "Face model directory with config.json + *.safetensors)")
+    tok = data_lib.load_tokenizer(path)
+    kw = {}
+    if mesh is not None:
+        kw["mesh"] = mesh
+        rules = getattr(mesh_lib, "DEFAULT_RULES", None)
+        if rules is not None:
+            kw["rules"] = rules
+    model = from_pretrained(str(path), dtype=_dtype(config.model.dtype), **kw)
+    if config.model.remat and not getattr(model.config, "remat", False):
+        try:
+            model.config = model.config.replace(remat=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"WARNING: model.remat requested but unsupported ({e})", flush=True)
+    data_lib.check_vocab(tok, int(model.config.vocab_size))
+    return model, tok
+
+
+# --------------------------------------------------------------------------- prompts --
+class PromptOrder:
+    """Prompt indices for step k: block k of a stream of seeded per-epoch permutations;
+    refill draws for DAPO dynamic sampling come from (seed, k, try)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def step(self, k: int, p: int) -> list[int]:
+        out = []
+        for pos in range((k - 1) * p, k * p):
+            e, i = divmod(pos, self.n)
+            out.append(int(self._perm(e)[i]))
+        return out
+
+    def refill(self, k: int, attempt: int, p: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, k, attempt, 7])
+        return [int(i) for i in rng.choice(self.n, size=p, replace=self.n < p)]
+
+
+def _left_pad(x: np.ndarray, width: int, value) -> np.ndarray:
+    if x.shape[1] == width:
+        return x
+    return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
+
+
+def _concat_rollouts(parts: list[dict], pad_id: int) -> dict:
+    width = max(p["prompt_tokens"].shape[1] for p in parts)
+    out = {}
+    for key in parts[0]:
+        xs = [p[key] for p in parts]
+        if key == "prompt_tokens":
+            xs = [_left_pad(x, width, pad_id) for x in xs]
+        elif key == "prompt_mask":
+            xs = [_left_pad(x, width, 0) for x in xs]
+        out[key] = np.concatenate(xs) if isinstance(xs[0], np.ndarray) else sum(xs, [])
+    return out
+
+
+# ------------------------------------------------------------------------------ loop --
+@dataclasses.dataclass
+class _Ctx:
+    config: object
+    workdir: pathlib.Path
+    task: object
+    tok: object
+    order: PromptOrder
+    score_fn: object
+    train_step: object
+    batch_sharding: object
+    prompt_cache: dict
+
+
+class _Stop:
+    """SIGTERM -> finish the current step, checkpoint, return."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):  # noqa: ARG001
+            if not self.requested:
+                print("\nSIGTERM received: finishing the current step, then checkpointing.",
+                      flush=True)
+            self.requested = True
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: no handler
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _sample_groups(ctx: _Ctx, state, indices: list[int], key) -> dict:
+    """G responses for each prompt index, decoded and scored (host numpy arrays)."""
+    cfg = ctx.config
+    r = cfg.rollout
+    missing = [i for i in indices if i not in ctx.prompt_cache]
+    if missing:
+        enc = encode_prompts([ctx.task.train[i] for i in missing], cfg.task, ctx.tok)
+        ctx.prompt_cache.update(zip(missing, enc))
+    ro = generate(state.model(), [ctx.prompt_cache[i] for i in indices],
+                  max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
+                  key=key, top_p=float(r.top_p), top_k=int(r.top_k),
+                  eos_id=ctx.tok.eos_token_id, num_samples=int(r.group_size),
+                  pad_id=ctx.tok.pad_token_id)
+    tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask, np.float32)
+    examples = [ctx.task.train[i] for i in indices for _ in range(r.group_size)]
+    texts = decode_responses(tokens, mask, ctx.tok)
+    correct, gradable = ctx.task.score(texts, examples)
+    rewards = correct.copy()
+    lengths = mask.sum(-1)
+    ov = cfg.dapo.overlong
+    if ov.enable:
+        from espo_jax.rewards import overlong_penalty  # noqa: PLC0415
+        max_len = int(ov.max_len) if ov.max_len > 0 else int(r.max_new_tokens)
+        rewards = rewards + overlong_penalty(lengths, max_len, int(ov.buffer), float(ov.penalty))
+    return dict(prompt_tokens=np.asarray(ro.prompt_tokens), prompt_mask=np.asarray(ro.prompt_mask),
+                tokens=tokens, mask=mask, rewards=rewards.astype(np.float32),
+                correct=correct.astype(np.float32), gradable=gradable,
+                group_index=np.repeat(np.asarray(indices), r.group_size), texts=texts)
+
+
+def _collect(ctx: _Ctx, state, step: int) -> tuple[dict, dict]:
+    """The step's rollout batch (with DAPO dynamic sampling when on) and its metrics."""
+    cfg = ctx.config
+    p, g = int(cfg.rollout.prompts_per_step), int(cfg.rollout.group_size)
+    key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
+    first = _sample_groups(ctx, state, ctx.order.step(step, p), key)
+    info = {}
+    if not cfg.dapo.dynamic_sampling:
+        return first, info
+
+    def split(batch):
+        r = batch["rewards"].reshape(-1, g)
+        varied = r.max(1) > r.min(1)
+        return varied
+
+    kept, dropped, n_kept, tries = [], [], 0, 0
+    batch, n_all_equal = first, 0
+    while True:
+        varied = split(batch)
+        n_all_equal += int((~varied).sum())
+        for grp in range(p):
+            target = kept if varied[grp] else dropped
+            target.append(_take_group(batch, grp, g))
+        n_kept = len(kept)
+        if n_kept >= p or tries >= int(cfg.dapo.max_sampling_tries):
+            break
+        tries += 1
+        batch = _sample_groups(ctx, state, ctx.order.refill(step, tries, p),
+                               jax.random.fold_in(key, tries))
+    filled = max(0, p - n_kept)
+    groups = kept[:p] + dropped[:filled]
+    info = {"dynamic_sampling_tries": float(tries + 1),
+            "dynamic_sampling_filled_frac": filled / p,
+            "dynamic_sampling_all_equal_frac": n_all_equal / (p * (tries + 1))}
+    return _concat_rollouts(groups, ctx.tok.pad_token_id), info
+
+
+def _take_group(batch: dict, grp: int, g: int) -> dict:
+    sl = slice(grp * g, (grp + 1) * g)
+    return {k: (v[sl] if isinstance(v, np.ndarray) else v[sl]) for k, v in batch.items()}
+
+
+def _mean_metrics(records: list[dict]) -> dict:
+    out = {}
+    for k in records[0]:
+        vals = np.asarray([float(r[k]) for r in records])
+        if k.endswith("_min"):
+            out[k] = float(vals.min())
+        elif k.endswith("_max"):
+            out[k] = float(vals.max())
+        elif k == "nonfinite":
+            out["nonfinite_updates"] = float(vals.sum())
+        else:
+            out[k] = float(vals.mean())
+    return out
+
+
+def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
+    """One RL step; returns (state, metrics, dump arrays, nonfinite_run)."""
+    cfg = ctx.config
+    t0 = time.perf_counter()
+    batch, info = _collect(ctx, state, step)
+    t1 = time.perf_counter()
+
+    dev = (lambda x: jax.device_put(x, ctx.batch_sharding)) if ctx.batch_sharding else jnp.asarray
+    pt, pm, tk = dev(batch["prompt_tokens"]), dev(batch["prompt_mask"]), dev(batch["tokens"])
+    old_logp, entropy = ctx.score_fn(state.params, state.rest, pt, pm, tk)
+    ref_logp = None
+    if cfg.train.beta > 0:
+        ref_logp, _ = ctx.score_fn(state.ref_params, state.rest, pt, pm, tk)
+    adv = compute_advantages(jnp.asarray(batch["rewards"]), int(cfg.rollout.group_size),
+                             estimator=cfg.advantage.estimator,
+                             gradable=jnp.asarray(batch["gradable"]),
+                             valid_only=bool(cfg.advantage.valid_only))
+    old_logp, entropy, adv = np.asarray(old_logp), np.asarray(entropy), np.asarray(adv)
+    t2 = time.perf_counter()
+
+    full = dict(prompt_tokens=batch["prompt_tokens"], prompt_mask=batch["prompt_mask"],
+                tokens=batch["tokens"], mask=batch["mask"], old_logp=old_logp,
+                entropy=entropy, advantages=adv.astype(np.float32))
+    if ref_logp is not None:
+        full["ref_logp"] = np.asarray(ref_logp)
+    bsz = batch["tokens"].shape[0]
+    n_mb = int(cfg.train.num_minibatches)
+    mb = bsz // n_mb
+    last_logp = np.zeros_like(old_logp)
+    updates = []
+    for epoch in range(int(cfg.train.num_epochs)):
+        perm = np.random.default_rng([cfg.seed, step, epoch, 11]).permutation(bsz)
+        for j in range(n_mb):
+            rows = perm[j * mb:(j + 1) * mb]
+            mbatch = {k: v[rows] for k, v in full.items()}
+            if ctx.batch_sharding is not None:
+                mbatch = jax.device_put(mbatch, ctx.batch_sharding)
+            state, m, logp = ctx.train_step(state, mbatch)
+            m = jax.device_get(m)
+            last_logp[rows] = np.asarray(logp)
+            updates.append(m)
+            if m["nonfinite"] > 0:
+                nonfinite_run += 1
+                print(f"WARNING: step {step}: non-finite loss/gradient (loss={float(m['loss'])}, "
+                      f"grad_norm={float(m['grad_norm'])}); update skipped "
+                      f"({nonfinite_run} in a row)", flush=True)
+                if nonfinite_run >= int(cfg.train.max_nonfinite_in_a_row):
+                    break
+            else:
+                nonfinite_run = 0
+        if nonfinite_run >= int(cfg.train.max_nonfinite_in_a_row):
+            break
+    t3 = time.perf_counter()
+
+    mask = batch["mask"]
+    valid = mask.sum()
+    metrics = _mean_metrics(updates)
+    g = int(cfg.rollout.group_size)
+    r = batch["rewards"]
+    metrics.update(
+        reward_mean=float(r.mean()), reward_std=float(r.std()),
+        correct_mean=float(batch["correct"].mean()),
+        gradable_frac=float(batch["gradable"].mean()),
+        groups_all_equal_frac=float((r.reshape(-1, g).std(1) == 0).mean()),
+        response_len_mean=float(mask.sum(-1).mean()),
+        response_len_max=float(mask.sum(-1).max()),
+        entropy_mean=float((entropy * mask).sum() / max(valid, 1.0)),
+        advantage_abs_mean=float(np.abs(adv).mean()),
+        time_rollout_s=t1 - t0, time_score_s=t2 - t1, time_update_s=t3 - t2,
+        **info)
+    dump = dict(batch, old_logp=old_logp, entropy=entropy, advantages=adv,
+                ratios=np.exp(np.where(mask > 0, last_logp - old_logp, 0.0)))
+    return state, metrics, dump, nonfinite_run
+
+
+def _write_dump(workdir: pathlib.Path, step: int, dump: dict, task, tok) -> None:
+    d = workdir / "dumps"
+    d.mkdir(parents=True, exist_ok=True)
+    arrays = {k: v for k, v in dump.items() if isinstance(v, np.ndarray)}
+    np.savez_compressed(d / f"step_{step:06d}.npz", **arrays)
+    with (d / f"step_{step:06d}.jsonl").open("w") as f:
+        for i, text in enumerate(dump["texts"]):
+            ex = task.train[int(dump["group_index"][i])]
+            f.write(json.dumps({"row": i, "group": int(dump["group_index"][i]),
+                                "prompt": ex.prompt, "answer": ex.answer, "response": text,
+                                "reward": float(dump["rewards"][i])}) + "\n")
+
+
+def _export(state, config, tok, workdir: pathlib.Path) -> pathlib.Path:
+    from espo_jax.models import save_pretrained  # noqa: PLC0415
+
+    out = workdir / "final_policy"
+    if out.exists():
+        shutil.rmtree(out)
+    save_pretrained(state.model(), str(out))
+    src = pathlib.Path(config.model.path)
+    copied = False
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and not (out / name).exists():
+            shutil.copy2(src / name, out / name)
+            copied = True
+    if not copied and not (out / "tokenizer.json").exists():
+        tok.save_pretrained(str(out))
+    return out
+
+
+def run(config, workdir) -> dict:
+    """Train according to ``config`` in ``workdir`` (resuming from its checkpoint if any).
+    Returns a small summary dict (steps done, eval accuracies, wall time, stop reason)."""
+    t_start = time.perf_counter()
+    from espo_jax.train.distributed import setup_distributed  # noqa: PLC0415
+    setup_distributed(config)
+    workdir = pathlib.Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    mesh_lib = _mesh_lib()
+    mesh = mesh_lib.make_mesh(config.mesh) if mesh_lib is not None else None
+    validate(config, mesh)
+    writers.write_config(workdir, config)
+
+    model, tok = load_policy(config, mesh, mesh_lib)
+    task = build_task(config.task, int(config.seed))
+    tx = make_optimizer(config.train)
+    with_ref = config.train.beta > 0
+    shardings = batch_sh = None
+    if mesh is not None:
+        shardings = state_shardings(model, tx, mesh, with_ref=with_ref,
+                                    param_shardings_fn=mesh_lib.param_shardings,
+                                    opt_shardings_fn=mesh_lib.opt_state_shardings)
+        batch_sh = mesh_lib.batch_sharding(mesh)
+    state = create_state(model, tx, with_ref=with_ref, shardings=shardings)
+    vocab = int(model.config.vocab_size)
+    del model
+
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep))
+    restored = ckpt.restore(state)
+    start, nonfinite_run = 0, 0
+    if restored is not None:
+        start, state, meta = restored
+        nonfinite_run = int(meta.get("nonfinite_in_a_row", 0))
+        print(f"Resuming from checkpoint at step {start} in {ckpt.directory}", flush=True)
+    writer = writers.MetricWriter(workdir, tensorboard=bool(config.log.tensorboard))
+    writer.truncate_after(start)
+
+    chunk, temp = int(config.score.chunk_size), float(config.rollout.temperature)
+    micro = int(config.train.micro_batch_size)
+    score_fn = make_score_fn(
+        state.graphdef, chunk_size=chunk, temperature=temp, micro_batch_size=micro,
+        param_shardings=None if shardings is None else shardings.params,
+        rest_shardings=None if shardings is None else shardings.rest, batch_sharding=batch_sh)
+    train_step = make_train_step(
+        tx, config.objective.name, objective_hparams(config, vocab), chunk_size=chunk,
+        temperature=temp, micro_batch_size=micro, state_shardings=shardings,
+        batch_sharding=batch_sh)
+    ctx = _Ctx(config=config, workdir=workdir, task=task, tok=tok,
+               order=PromptOrder(len(task.train), int(config.seed)), score_fn=score_fn,
+               train_step=train_step, batch_sharding=batch_sh, prompt_cache={})
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 2**30)
+
+    def run_eval(step):
+        t = time.perf_counter()
+        m = evaluate(state.model(), task, tok, config, key=jax.random.fold_in(eval_key, step))
+        m["time_eval_s"] = time.perf_counter() - t
+        return m
+
+    num_steps = int(config.num_steps)
+    last_eval = {}
+    if start == 0:
+        last_eval = run_eval(0)
+        writer.write(0, last_eval)
+    stop_reason = None
+    step = start
+
+    def save(step):
+        ckpt.save(step, state, {"nonfinite_in_a_row": nonfinite_run, "seed": int(config.seed)})
+
+    bar = _progress(config, start, num_steps)
+    with _Stop() as stop:
+        for step in range(start + 1, num_steps + 1):
+            t_step = time.perf_counter()
+            state, metrics, dump, nonfinite_run = _rl_step(ctx, state, step, nonfinite_run)
+            every = int(config.eval.every)
+            if step == num_steps or (every > 0 and step % every == 0):
+                last_eval = run_eval(step)
+                metrics.update(last_eval)
+            metrics["time_step_s"] = time.perf_counter() - t_step
+            writer.write(step, metrics)
+            if config.dump.every and step % int(config.dump.every) == 0 and jax.process_index() == 0:
+                _write_dump(workdir, step, dump, task, tok)
+            diverged = nonfinite_run >= int(config.train.max_nonfinite_in_a_row)
+            if (stop.requested or diverged or step == num_steps
+                    or step % max(1, int(config.checkpoint.every)) == 0):
+                save(step)
+            _update_bar(bar, metrics, last_eval)
+            if diverged:
+                bar.close()
+                writer.close()
+                ckpt.close()
+                raise NonFiniteError(
+                    f"stopping at step {step}: {nonfinite_run} non-finite updates in a row "
+                    f"(train.max_nonfinite_in_a_row={config.train.max_nonfinite_in_a_row}); "
+                    f"the last finite parameters are checkpointed at step {step}. Lower "
+                    "train.lr or check the rewards/advantages.")
+            if stop.requested:
+                stop_reason = f"SIGTERM after step {step}"
+                break
+    bar.close()
+    if step >= num_steps and ckpt.latest_step() != step:
+        save(step)
+    ckpt.close()
+    writer.close()
+    wall = time.perf_counter() - t_start
+    if stop_reason is not None:
+        print(f"Stopped by SIGTERM: checkpoint saved at step {step} in {ckpt.directory}; "
+              "rerun the same command to resume.", flush=True)
+        return {"step": step, "stopped": stop_reason, "wall_time_s": wall}
+
+    if jax.process_index() == 0:
+        report.write_plots(workdir)
+        report.write_summary(workdir, config, wall_time_s=wall)
+    out = _export(state, config, tok, workdir) if jax.process_index() == 0 else None
+    recs = writers.read_metrics(workdir / "metrics.jsonl")
+    accs = [(r["step"], r["eval_accuracy"]) for r in recs if "eval_accuracy" in r]
+    print(f"Done: {step} steps in {wall:.1f} s; eval accuracy "
+          + " -> ".join(f"{a:.3f} (step {s})" for s, a in (accs[:1] + accs[-1:]))
+          + f"; final policy in {out}", flush=True)
+    return {"step": step, "wall_time_s": wall, "eval_accuracy": accs, "final_policy": str(out)}
+
+
+def _progress(config, start: int, total: int):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    disable = not bool(config.log.progress) or jax.process_index() != 0
+    return tqdm(total=total, initial=start, disable=disable, desc="ESPO" if
+                config.objective.name == "espo" else config.objective.name.upper(),
+                dynamic_ncols=True)
+
+
+def _update_bar(bar, metrics: dict, last_eval: dict) -> None:
+    post = {"reward": f"{metrics.get('reward_mean', float('nan')):.3f}",
+            "clip": f"{metrics.get('clip_frac', float('nan')):.4f}"}
+    if "eval_accuracy" in last_eval:
+        post["acc"] = f"{last_eval['eval_accuracy']:.3f}"
+    bar.set_postfix(post, refresh=False)
+    bar.update(1)
+    if bar.disable:
+        print(f"step {bar.n}/{bar.total} " + " ".join(f"{k}={v}" for k, v in post.items()),
+              flush=True)
+
