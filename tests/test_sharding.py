@@ -284,6 +284,8 @@ def test_batch_sharding_and_checks():
         check_batch(6, mesh)
     g = dist.host_local_to_global({"ids": np.ones((8, 3), np.int32)}, mesh)
     assert g["ids"].shape == (8, 3) and g["ids"].sharding.spec == P(("data", "fsdp"))
+    back = dist.to_host(g)
+    assert isinstance(back["ids"], np.ndarray) and back["ids"].shape == (8, 3)
 
 
 def test_host_slice():

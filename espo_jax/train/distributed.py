@@ -153,3 +153,21 @@ def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(bs, x)
 
     return jax.tree.map(one, tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Global jax.Arrays -> full numpy arrays on *every* host (for rewards, decoding, dumps).
+
+    ``np.asarray`` on an array sharded over other hosts' devices fails in a multi-host
+    run; this all-gathers across processes first (a no-op copy on one host).
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
