@@ -137,7 +137,8 @@ def test_num_samples_grouped_and_seed_reproducible(models, sampled):
     size = decode_jit._cache_size()
     again = generate(model, PROMPTS, max_new_tokens=N, temperature=0.7, key=jax.random.key(3),
                      eos_id=[1, 2, 3], num_samples=3)
-    other = generate(model, PROMPTS, max_new_tokens=N, temperature=0.7, key=jax.random.key(4),
+    # temperature, top_p and stop-token values are traced: changing them does not recompile.
+    other = generate(model, PROMPTS, max_new_tokens=N, temperature=0.9, key=jax.random.key(4),
                      eos_id=[4, 5, 6], num_samples=3)
     assert decode_jit._cache_size() == size
     for a, b in zip(sampled, again):
@@ -198,3 +199,21 @@ def test_clear_errors(models):
         generate(model, [[1, 97]], max_new_tokens=4, **kw)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [[1]], max_new_tokens=0, **kw)
+
+
+def test_decode_fn_hook_with_batch_sharding(models, greedy):
+    """Sharding-ready: a user-jitted `decode` with batch shardings gives the same tokens."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from espo_jax.rollout import STATIC_ARGNUMS, decode
+
+    _, model = models
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    fn = jax.jit(decode, static_argnums=STATIC_ARGNUMS,
+                 in_shardings=(None, rows, rows, None, None, None, None),
+                 out_shardings=(rows, rows, rows))
+    ro = generate(model, PROMPTS, max_new_tokens=N, temperature=0.0, key=jax.random.key(0),
+                  eos_id=None, decode_fn=fn)
+    assert ro.tokens.sharding.is_equivalent_to(rows, 2)
+    np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(greedy.tokens))

@@ -15,9 +15,10 @@ temperature, top_p, the stop tokens' values and the key are traced.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,33 +62,50 @@ def _last_logits(model, ids, positions, kv_mask, cache, cache_index):
     return logits, cache
 
 
-def decode(
-    graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array, prompt_mask: jax.Array,
-    key: jax.Array, temperature: jax.Array, top_p: jax.Array, eos_ids: jax.Array, *,
-    max_new_tokens: int, top_k: int = 0, greedy: bool = False, use_top_p: bool = False,
-    pad_id: int = 0, cache_dtype: Any = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Prefill + decode loop; pure, jit it (``decode_jit``) or add shardings to it.
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """The static (compile-time) options of ``decode``; hashable.
 
-    prompt_ids i32[B, P] left-padded, prompt_mask i32[B, P] (each row ends in a real
-    token), key a PRNG key, temperature / top_p f32 scalars, eos_ids i32[E] (E may be 0)
-    -> (tokens i32[B, N], mask f32[B, N], logprobs f32[B, N]).
+    max_new_tokens N; top_k (0 = off); greedy (argmax, ignores temperature / filters);
+    use_top_p (apply the sorting nucleus filter); pad_id written after a row finished;
+    cache_dtype of the KV cache (None = the model's compute dtype).
+    """
+    max_new_tokens: int
+    top_k: int = 0
+    greedy: bool = False
+    use_top_p: bool = False
+    pad_id: int = 0
+    cache_dtype: Any = None
+
+
+def decode(
+    graphdef: nnx.GraphDef, options: DecodeOptions, state: nnx.State, prompt_ids: jax.Array,
+    prompt_mask: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
+    eos_ids: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Prefill + decode loop; pure. Jit it with ``static_argnums=STATIC_ARGNUMS``
+    (``decode_jit``), adding in/out shardings for the 7 array arguments if wanted.
+
+    state: the model's nnx.State; prompt_ids i32[B, P] left-padded, prompt_mask i32[B, P]
+    (each row ends in a real token), key a PRNG key, temperature / top_p f32 scalars,
+    eos_ids i32[E] (E may be 0) -> (tokens i32[B, N], mask f32[B, N], logprobs f32[B, N]).
     Token t of every row is drawn with ``jax.random.fold_in(key, t)``.
     """
     model = nnx.merge(graphdef, state)
     batch, plen = prompt_ids.shape
-    n = max_new_tokens
+    n, pad_id = options.max_new_tokens, options.pad_id
     prompt_mask = prompt_mask.astype(jnp.int32)
     prompt_len = prompt_mask.sum(axis=1)                                  # [B]
     kv_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n), jnp.int32)], axis=1)
     sample = functools.partial(sample_step, temperature=temperature, top_p=top_p,
-                               top_k=top_k, greedy=greedy, use_top_p=use_top_p)
+                               top_k=options.top_k, greedy=options.greedy,
+                               use_top_p=options.use_top_p)
 
     def is_stop(tok):                                                     # [B] -> bool[B]
         return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
 
     # Prefill: all prompt tokens at slots [0, P); the last slot is a real token.
-    cache = model.init_cache(batch, plen + n, dtype=cache_dtype)
+    cache = model.init_cache(batch, plen + n, dtype=options.cache_dtype)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
     logits, cache = _last_logits(model, prompt_ids.astype(jnp.int32), positions, kv_mask,
                                  cache, jnp.asarray(0, jnp.int32))
@@ -121,8 +139,8 @@ def decode(
     return tokens, mask, logps
 
 
-_STATIC = ("graphdef", "max_new_tokens", "top_k", "greedy", "use_top_p", "pad_id", "cache_dtype")
-decode_jit = jax.jit(decode, static_argnames=_STATIC)
+STATIC_ARGNUMS = (0, 1)  # graphdef, options
+decode_jit = jax.jit(decode, static_argnums=STATIC_ARGNUMS)
 """``decode`` jitted with its static arguments; the compile cache is keyed on them and
 on the array shapes, so repeated calls with the same bucket do not retrace."""
 
@@ -194,6 +212,7 @@ def generate(
     max_new_tokens: int, temperature: float, key: jax.Array, top_p: float = 1.0,
     top_k: int = 0, eos_id: int | Sequence[int] | None, num_samples: int = 1,
     pad_id: int = 0, max_len: int | None = None, cache_dtype: Any = None,
+    decode_fn: Callable | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt with a KV cache, in one jitted call.
 
@@ -206,6 +225,10 @@ def generate(
       first. Keep both off for RL (see ``espo_jax.rollout.sampling``).
     eos_id: a stop token, a list of stop tokens, or None (always N tokens).
     max_len: cap on prompt + response length; defaults to the model's max positions.
+    cache_dtype: KV cache dtype (default: the model's compute dtype).
+    decode_fn: a jitted variant of ``decode`` with the same signature, e.g.
+      ``jax.jit(decode, static_argnums=STATIC_ARGNUMS, in_shardings=..., out_shardings=...)``;
+      defaults to ``decode_jit``.
     Returns a ``Rollout``; arrays stay on device (no host sync).
     """
     if max_new_tokens < 1:
@@ -248,12 +271,13 @@ def generate(
 
     greedy = temperature == 0
     graphdef, state = nnx.split(model)
-    tokens, out_mask, logprobs = decode_jit(
-        graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key,
+    options = DecodeOptions(max_new_tokens=int(max_new_tokens), top_k=int(top_k),
+                            greedy=bool(greedy), use_top_p=bool(top_p < 1.0),
+                            pad_id=int(pad_id), cache_dtype=cache_dtype)
+    tokens, out_mask, logprobs = (decode_fn or decode_jit)(
+        graphdef, options, state, jnp.asarray(ids), jnp.asarray(mask), key,
         jnp.asarray(1.0 if greedy else temperature, jnp.float32),
-        jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_array(eos_id)),
-        max_new_tokens=int(max_new_tokens), top_k=int(top_k), greedy=bool(greedy),
-        use_top_p=bool(top_p < 1.0), pad_id=int(pad_id), cache_dtype=cache_dtype)
+        jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_array(eos_id)))
     return Rollout(prompt_tokens=jnp.asarray(ids), prompt_mask=jnp.asarray(mask),
                    tokens=tokens, mask=out_mask, logprobs=logprobs,
                    lengths=out_mask.sum(-1).astype(jnp.int32))
