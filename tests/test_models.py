@@ -101,6 +101,7 @@ def test_logit_parity_float32(hf_case, data):
   model = from_pretrained(path, dtype="float32")
   out = jax_logits(model, *data)
   assert out.dtype == np.float32 and out.shape == (B, T, V)
+  assert np.isfinite(out).all()  # padding rows too: no NaN for `loss * mask` to spread
   assert rel_err(out, ref, data[1]) < 1e-4, case
 
 
@@ -229,6 +230,30 @@ def test_remat_gives_same_values_and_grads(small_model):
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_jax_attention_impl_matches_einsum_attention(small_model):
+  ids = jnp.arange(40, dtype=jnp.int32).reshape(2, 20) % V
+  mask = jnp.ones((2, 20), jnp.int32).at[0, :6].set(0)
+  graphdef, state = nnx.split(small_model)
+  other = Decoder(small_model.config.replace(attention_impl="jax"), rngs=nnx.Rngs(0))
+  out = nnx.merge(nnx.graphdef(other), state)(ids, attention_mask=mask)
+  ref = small_model(ids, attention_mask=mask)
+  v = np.asarray(mask).astype(bool)
+  assert rel_err(np.asarray(out), np.asarray(ref), v) < 1e-5
+
+
+def test_export_copies_tokenizer_files(hf_dirs, tmp_path):
+  _, path, _ = hf_dirs["qwen2_tied"]
+  (tmp_path / "src").mkdir()
+  (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
+  model = from_pretrained(path, dtype="float32")
+  save_pretrained(model, tmp_path / "out", copy_files_from=tmp_path / "src", dtype="bfloat16")
+  assert (tmp_path / "out" / "tokenizer_config.json").exists()
+  assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "bfloat16"
+  back = from_pretrained(tmp_path / "out", dtype="float32")
+  np.testing.assert_array_equal(  # stored as bf16: weights are the bf16 rounding of ours
+      back.embed_tokens[...], model.embed_tokens[...].astype(jnp.bfloat16).astype(jnp.float32))
 
 
 # -- errors ----------------------------------------------------------------------------

@@ -86,7 +86,9 @@ class Decoder(nnx.Module):
       if positions is None:
         positions = positions_from_mask(attention_mask)
       causal = jnp.tril(jnp.ones((t, t), bool))
-      mask = causal[None] & valid[:, None, :]  # [B,T,T]
+      # Every query may see itself, so padding rows have a key and stay finite (no NaN
+      # that a later `loss * mask` would spread); real rows are unchanged.
+      mask = (causal[None] & valid[:, None, :]) | jnp.eye(t, dtype=bool)[None]  # [B,T,T]
     else:
       s = cache[0]["k"].shape[1]
       if cache_index is None:
@@ -101,7 +103,8 @@ class Decoder(nnx.Module):
         pos_all = positions_from_mask(kv)  # [B,S]
         positions = jnp.take(pos_all, jnp.minimum(q_slot, s - 1), axis=1)
       causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T,S]
-      mask = causal[None] & kv[:, None, :]
+      own = jnp.arange(s)[None, :] == q_slot[:, None]
+      mask = (causal[None] & kv[:, None, :]) | own[None]  # [B,T,S]
     positions = positions.astype(jnp.int32)
     inv_freq = rope_inv_freq(self.config)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import warnings
 from typing import Any
 
@@ -150,15 +151,29 @@ def _parse_size(size) -> int:
   return int(float(m.group(1)) * mult)
 
 
+# Non-weight files worth carrying over on export (tokenizer, chat template, generation).
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+               "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
 def save_pretrained(model: Decoder, path: str | os.PathLike, *, max_shard_size="5GB",
-                    dtype: Any = None) -> None:
+                    dtype: Any = None, copy_files_from: str | os.PathLike | None = None) -> None:
   """Writes config.json + safetensors (sharded with an index above `max_shard_size`).
 
-  dtype: storage dtype (default: each parameter's own dtype). The directory loads with
-  `transformers.AutoModelForCausalLM.from_pretrained(path)`.
+  dtype: storage dtype (default: each parameter's own dtype). copy_files_from: a source HF
+  directory whose tokenizer / generation files are copied alongside, so the result is a
+  complete checkpoint for transformers, vLLM or lm-eval.
   """
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
+  if copy_files_from is not None:
+    src = os.fspath(copy_files_from)
+    if not os.path.isdir(src):
+      raise FileNotFoundError(f"copy_files_from directory not found: {src}")
+    for fn in _SIDE_FILES:
+      if os.path.isfile(os.path.join(src, fn)):
+        shutil.copyfile(os.path.join(src, fn), os.path.join(path, fn))
   limit = _parse_size(max_shard_size)
   store = canonical_dtype(dtype) if dtype is not None else None
 

@@ -112,7 +112,8 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(hd, **nkw) if cfg.qk_norm else None
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
-  def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
+  def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None,
+               impl="xla"):
     """x [B,T,D]; mask bool[B,T,S]. cache: {"k","v"} [B,S,K,hd] or None. Returns (y, cache)."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -128,7 +129,10 @@ class Attention(nnx.Module):
       cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
       cache = {"k": ck, "v": cv}
       k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    o = gqa_attention(q, k, v, mask)
+    if impl == "jax":
+      o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None]).astype(q.dtype)
+    else:
+      o = gqa_attention(q, k, v, mask)
     return self.o_proj(o.reshape(b, t, -1)), cache
 
 
@@ -152,6 +156,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     nkw = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.attention_impl = cfg.attention_impl
     self.input_layernorm = RMSNorm(cfg.hidden_size, **nkw)
     self.self_attn = Attention(cfg, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **nkw)
@@ -159,7 +164,7 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
     h, cache = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq,
-                              cache, cache_index)
+                              cache, cache_index, impl=self.attention_impl)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, cache
