@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from espo_jax.models import from_pretrained
 from espo_jax.rollout import Rollout, bucket_length, decode_jit, generate
@@ -97,6 +98,7 @@ def test_greedy_matches_hf_with_stop_tokens(models, greedy):
         assert ro2.lengths[row] == (hits[0] + 1 if hits.size else N)
 
 
+@nnx.jit(static_argnums=2)
 def teacher_forced_logprobs(model, ro, temperature):
     """log_softmax(logits / T) of the response tokens from one uncached forward pass."""
     ids = jnp.concatenate([ro.prompt_tokens, ro.tokens], axis=1)

@@ -192,11 +192,14 @@ def _normalise_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _eos_array(eos_id) -> np.ndarray:
+    """Stop tokens as i32[E]: E = 0 for None, else padded (by repeating an id) to a
+    multiple of 8 so that stop lists of different sizes share one compile."""
     if eos_id is None:
         return np.zeros((0,), np.int32)
-    if isinstance(eos_id, (int, np.integer)):
-        return np.asarray([eos_id], np.int32)
-    return np.asarray(sorted(set(int(e) for e in eos_id)), np.int32)
+    ids = [int(eos_id)] if isinstance(eos_id, (int, np.integer)) else sorted({int(e) for e in eos_id})
+    if not ids:
+        return np.zeros((0,), np.int32)
+    return np.asarray(ids + ids[:1] * (-len(ids) % 8), np.int32)
 
 
 def _max_positions(config) -> int | None:
