@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -24,6 +24,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 for it
+        logging.set_verbosity(logging.WARNING)
     from espo_jax.train import run  # noqa: PLC0415  (after flags: keep --help fast)
     from espo_jax.train.loop import NonFiniteError  # noqa: PLC0415
 

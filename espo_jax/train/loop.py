@@ -128,6 +128,9 @@ def load_policy(config, mesh, mesh_lib):
         raise FileNotFoundError(f"model.path: {path} has no config.json (expected a Hugging "
                                 "Face model directory with config.json + *.safetensors)")
     tok = data_lib.load_tokenizer(path)
+    from espo_jax.models import ModelConfig  # noqa: PLC0415
+    # Vocab check from config.json first: a mismatch fails before any weight is read.
+    data_lib.check_vocab(tok, int(ModelConfig.from_hf(str(path / "config.json")).vocab_size))
     kw = {}
     if mesh is not None:
         kw["mesh"] = mesh
@@ -433,8 +436,8 @@ def run(config, workdir) -> dict:
     validate(config, mesh)
     writers.write_config(workdir, config)
 
-    model, tok = load_policy(config, mesh, mesh_lib)
     task = build_task(config.task, int(config.seed))
+    model, tok = load_policy(config, mesh, mesh_lib)
     tx = make_optimizer(config.train)
     with_ref = config.train.beta > 0
     shardings = batch_sh = None
@@ -506,7 +509,7 @@ def run(config, workdir) -> dict:
             if (stop.requested or diverged or step == num_steps
                     or step % max(1, int(config.checkpoint.every)) == 0):
                 save(step)
-            _update_bar(bar, metrics, last_eval)
+            _update_bar(bar, step, metrics, last_eval)
             if diverged:
                 bar.close()
                 writer.close()
@@ -551,7 +554,7 @@ def _progress(config, start: int, total: int):
                 dynamic_ncols=True)
 
 
-def _update_bar(bar, metrics: dict, last_eval: dict) -> None:
+def _update_bar(bar, step: int, metrics: dict, last_eval: dict) -> None:
     post = {"reward": f"{metrics.get('reward_mean', float('nan')):.3f}",
             "clip": f"{metrics.get('clip_frac', float('nan')):.4f}"}
     if "eval_accuracy" in last_eval:
@@ -559,6 +562,6 @@ def _update_bar(bar, metrics: dict, last_eval: dict) -> None:
     bar.set_postfix(post, refresh=False)
     bar.update(1)
     if bar.disable:
-        print(f"step {bar.n}/{bar.total} " + " ".join(f"{k}={v}" for k, v in post.items()),
+        print(f"step {step}/{bar.total} " + " ".join(f"{k}={v}" for k, v in post.items()),
               flush=True)
 

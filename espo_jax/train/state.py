@@ -49,8 +49,8 @@ def create_state(model: nnx.Module, tx: optax.GradientTransformation, *, with_re
                           opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
                           ref_params=ref)
 
-    if shardings is None:
-        return jax.jit(init)(params, rest)
+    if shardings is None:  # eager (no compile); copies, since train_step donates the state
+        return init(jax.tree.map(jnp.copy, params), rest)
     return jax.jit(init, in_shardings=(shardings.params, shardings.rest),
                    out_shardings=shardings)(params, rest)
 

@@ -18,15 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-try:
-    from espo_jax.ops import token_logprobs_and_entropy
-except ImportError:  # TEMPORARY until espo_jax.ops lands: unchunked reference
-    def token_logprobs_and_entropy(hidden, unembedding, targets, *, chunk_size, temperature=1.0):
-        del chunk_size
-        logits = jnp.einsum("btd,dv->btv", hidden, unembedding) / temperature
-        lsm = jax.nn.log_softmax(logits, -1)
-        logp = jnp.take_along_axis(lsm, targets[..., None], -1)[..., 0]
-        return logp, -(jnp.exp(lsm) * lsm).sum(-1)
+from espo_jax.ops import token_logprobs_and_entropy
 from espo_jax.objectives import batch_counts, policy_loss
 from espo_jax.train.state import TrainState
 
@@ -162,7 +154,7 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
             body, (zeros, jnp.zeros((), jnp.float32)), micro)
         metrics = _combine_metrics(ms, weights)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
