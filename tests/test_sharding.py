@@ -357,3 +357,15 @@ def test_gpu_check_tiny_runs_on_cpu(tmp_path):
     # the shell wrapper is syntactically valid
     sh = os.path.join(REPO, "experiments/benchmarks/gpu_check.sh")
     assert subprocess.run(["bash", "-n", sh]).returncode == 0
+
+
+def test_constrain_batch_is_a_noop_without_a_mesh_and_pins_the_batch_with_one():
+    from espo_jax.train.mesh import constrain_batch
+    x = np.ones((8, 4), np.float32)
+    np.testing.assert_array_equal(jax.jit(lambda a: constrain_batch(a) * 2)(x), 2 * x)
+    mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
+    with jax.set_mesh(mesh):
+        y = jax.jit(lambda a: constrain_batch(a * 2))(x)
+        assert y.sharding.spec == P(("data", "fsdp"))
+        z = jax.jit(lambda a: constrain_batch(a * 2))(np.ones((6, 4), np.float32))  # 6 % 4 != 0
+        assert z.shape == (6, 4)

@@ -342,6 +342,25 @@ def batch_sharding(mesh: Mesh, ndim: int | None = None) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Pins an activation's leading (batch) dim to ("data", "fsdp") inside jit.
+
+    Without it GSPMD may resolve FSDP-sharded weights by all-gathering the *activations*
+    over the batch and all-reducing partial matmuls (weight-stationary), which keeps a
+    full-batch copy of every activation on every device. With it, weights are
+    all-gathered per layer and activations stay split (FSDP as intended). A no-op unless
+    a mesh with these axes is active (``with jax.set_mesh(mesh):`` around tracing) and
+    the batch divides evenly, so model code can call it unconditionally.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or np.ndim(x) == 0 or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes if len(axes) > 1 else axes[0]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
