@@ -369,3 +369,17 @@ def test_constrain_batch_is_a_noop_without_a_mesh_and_pins_the_batch_with_one():
         assert y.sharding.spec == P(("data", "fsdp"))
         z = jax.jit(lambda a: constrain_batch(a * 2))(np.ones((6, 4), np.float32))  # 6 % 4 != 0
         assert z.shape == (6, 4)
+
+
+def test_sharded_rollout_samples_the_same_tokens(sharded_model, mesh_fsdp_tp):
+    """generate(decode_fn=sharded_decode_fn(mesh)): rows over ("data","fsdp"), same samples."""
+    from espo_jax.rollout import generate
+    from espo_jax.train.mesh import sharded_decode_fn
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    kw = dict(max_new_tokens=6, temperature=1.0, key=jax.random.key(3), eos_id=None,
+              num_samples=2)
+    ref = generate(Decoder(TINY, rngs=nnx.Rngs(0)), prompts, **kw)
+    got = generate(sharded_model, prompts, decode_fn=sharded_decode_fn(mesh_fsdp_tp), **kw)
+    assert got.tokens.sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-5)

@@ -390,6 +390,31 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.device_put(x, bs if np.ndim(x) else rep), tree)
 
 
+def sharded_decode_fn(mesh: Mesh):
+    """A ``decode_fn`` for ``espo_jax.rollout.generate`` that splits the rollout batch.
+
+    Rows (prompts x G samples) and the KV cache go over ("data", "fsdp"); parameters
+    stay as they are placed. Batches that do not divide data*fsdp (e.g. a small eval
+    set) fall back to the default jitted decode. With ``jax_threefry_partitionable``
+    the sampled tokens are the same as on one device.
+        ro = generate(model, prompts, ..., decode_fn=sharded_decode_fn(mesh))
+    """
+    from espo_jax.rollout import STATIC_ARGNUMS, decode  # noqa: PLC0415 (train uses rollout)
+    from espo_jax.rollout import decode_jit  # noqa: PLC0415
+
+    rows = batch_sharding(mesh)
+    sharded = jax.jit(decode, static_argnums=STATIC_ARGNUMS,
+                      in_shardings=(None, rows, rows, None, None, None, None),
+                      out_shardings=(rows, rows, rows))
+    div = batch_divisor(mesh)
+
+    def decode_fn(graphdef, options, state, prompt_ids, *rest):
+        fn = sharded if div > 1 and prompt_ids.shape[0] % div == 0 else decode_jit
+        return fn(graphdef, options, state, prompt_ids, *rest)
+
+    return decode_fn
+
+
 # ----------------------------------------------------------------------------------
 # Shape first, then shard, then initialise: no full copy on one device
 # ----------------------------------------------------------------------------------
