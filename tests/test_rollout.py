@@ -35,7 +35,7 @@ def models(tmp_path_factory):
     hf = transformers.Qwen3ForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("qwen3_tiny")
     hf.save_pretrained(path)
-    return hf, from_pretrained(path, dtype=jnp.float32)
+    return hf, from_pretrained(path, dtype=jnp.float32), path
 
 
 def hf_greedy(hf, prompts, max_new_tokens, eos_id=None):
@@ -51,13 +51,13 @@ def hf_greedy(hf, prompts, max_new_tokens, eos_id=None):
 
 @pytest.fixture(scope="module")
 def greedy(models):
-    _, model = models
+    _, model, _ = models
     return generate(model, PROMPTS, max_new_tokens=N, temperature=0.0, key=jax.random.key(0),
                     eos_id=None)
 
 
 def test_greedy_matches_hf_without_stop(models, greedy):
-    hf, _ = models
+    hf, _, _ = models
     ref = hf_greedy(hf, PROMPTS, N)
     assert isinstance(greedy, Rollout)
     assert greedy.tokens.shape == (4, N) and greedy.tokens.dtype == jnp.int32
@@ -71,7 +71,7 @@ def test_greedy_matches_hf_without_stop(models, greedy):
 
 
 def test_greedy_matches_hf_with_stop_tokens(models, greedy):
-    hf, model = models
+    hf, model, _ = models
     free = np.asarray(greedy.tokens)
     # A stop token that occurs mid-sequence in some rows (but not as everyone's first).
     eos = int(free[0, 3])
@@ -111,13 +111,13 @@ def teacher_forced_logprobs(model, ro, temperature):
 
 @pytest.fixture(scope="module")
 def sampled(models):
-    _, model = models
+    _, model, _ = models
     return generate(model, PROMPTS, max_new_tokens=N, temperature=0.7, key=jax.random.key(3),
                     eos_id=[1, 2, 3], num_samples=3)
 
 
 def test_sampled_logprobs_equal_teacher_forced(models, sampled):
-    _, model = models
+    _, model, _ = models
     ref = teacher_forced_logprobs(model, sampled, 0.7)
     mask = np.asarray(sampled.mask)
     np.testing.assert_allclose(np.asarray(sampled.logprobs), np.asarray(ref) * mask,
@@ -126,7 +126,7 @@ def test_sampled_logprobs_equal_teacher_forced(models, sampled):
 
 
 def test_num_samples_grouped_and_seed_reproducible(models, sampled):
-    _, model = models
+    _, model, _ = models
     g = 3
     assert sampled.tokens.shape == (len(PROMPTS) * g, N)
     prompts = np.asarray(sampled.prompt_tokens)
@@ -149,7 +149,7 @@ def test_num_samples_grouped_and_seed_reproducible(models, sampled):
 
 
 def test_array_prompts_equal_list_prompts(models, greedy):
-    _, model = models
+    _, model, _ = models
     width = 20  # not a bucket size: re-padded to 32 on the left
     ids = np.full((len(PROMPTS), width), PAD, np.int32)
     mask = np.zeros_like(ids)
@@ -162,7 +162,7 @@ def test_array_prompts_equal_list_prompts(models, greedy):
 
 
 def test_max_new_tokens_one(models, greedy):
-    _, model = models
+    _, model, _ = models
     ro = generate(model, PROMPTS, max_new_tokens=1, temperature=0.0, key=jax.random.key(0),
                   eos_id=None)
     assert ro.tokens.shape == (len(PROMPTS), 1)
@@ -173,7 +173,7 @@ def test_max_new_tokens_one(models, greedy):
 
 
 def test_all_rows_stop_at_once(models, greedy):
-    _, model = models
+    _, model, _ = models
     # Every first greedy token is a stop token: all rows finish at step 0, loop exits.
     first = sorted(set(np.asarray(greedy.tokens[:, 0]).tolist()))
     ro = generate(model, PROMPTS, max_new_tokens=N, temperature=0.0, key=jax.random.key(0),
@@ -185,7 +185,7 @@ def test_all_rows_stop_at_once(models, greedy):
 
 
 def test_clear_errors(models):
-    _, model = models
+    _, model, _ = models
     kw = dict(temperature=1.0, key=jax.random.key(0), eos_id=None)
     with pytest.raises(ValueError, match=r"60 tokens \+ max_new_tokens=8 = 68 > 64"):
         generate(model, [[1] * 60, [2, 3]], max_new_tokens=8, **kw)
@@ -209,7 +209,7 @@ def test_decode_fn_hook_with_batch_sharding(models, greedy):
 
     from espo_jax.rollout import STATIC_ARGNUMS, decode
 
-    _, model = models
+    _, model, _ = models
     mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
     rows = NamedSharding(mesh, PartitionSpec("data"))
     fn = jax.jit(decode, static_argnums=STATIC_ARGNUMS,
@@ -219,3 +219,23 @@ def test_decode_fn_hook_with_batch_sharding(models, greedy):
                   eos_id=None, decode_fn=fn)
     assert ro.tokens.sharding.is_equivalent_to(rows, 2)
     np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(greedy.tokens))
+
+
+def test_truncation_to_one_token_is_greedy(models, greedy):
+    """top_k=1 (with top_p on too) samples the argmax; its log-prob under the truncated
+    distribution it was drawn from is 0 (the documented mismatch with the scorer)."""
+    _, model, _ = models
+    ro = generate(model, PROMPTS, max_new_tokens=N, temperature=1.3, key=jax.random.key(9),
+                  eos_id=None, top_k=1, top_p=0.5)
+    np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(greedy.tokens))
+    np.testing.assert_allclose(np.asarray(ro.logprobs), 0.0, atol=1e-6)
+
+
+def test_bfloat16_model(models):
+    _, _, path = models
+    model = from_pretrained(path, dtype=jnp.bfloat16)
+    ro = generate(model, PROMPTS[:2], max_new_tokens=4, temperature=1.0, key=jax.random.key(0),
+                  eos_id=None)
+    assert ro.logprobs.dtype == jnp.float32 and ro.mask.dtype == jnp.float32
+    ref = teacher_forced_logprobs(model, ro, 1.0)
+    np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(ref), atol=0.1)
