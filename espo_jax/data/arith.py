@@ -34,13 +34,15 @@ ALPHABET = "0123456789+-=;#Q: "
 MAX_OPERAND = 99
 MAX_VALUE = 199
 EVAL_PERCENT = 10
+# Longest reference response is 36 characters (+ <eos>); a sampler budget with slack.
+MAX_RESPONSE_TOKENS = 40
 SPLITS = ("train", "eval")
 
 _EXPR_RE = re.compile(r"^Q:(\d+(?:[+-]\d+)+)=$")
 
 verify = score_arith  # (response, answer) -> (reward, gradable)
 __all__ = [
-    "ALPHABET", "ASSET_DIR", "build_tokenizer", "extract_answer", "make_examples",
+    "ALPHABET", "ASSET_DIR", "MAX_RESPONSE_TOKENS", "build_tokenizer", "extract_answer", "make_examples",
     "parse_prompt", "reference_response", "split_of", "verify",
 ]
 
