@@ -44,9 +44,9 @@ def test_qwen3_math_smoke_run(tmp_path):
     assert (tmp_path / "checkpoints" / "2").is_dir()
     assert (tmp_path / "final_policy" / "tokenizer.json").is_file()
     dump = np.load(tmp_path / "dumps" / "step_000002.npz")
-    for key in ("tokens", "mask", "entropy", "old_logp", "ratios", "rewards", "group_index"):
+    for key in ("response_tokens", "mask", "entropy", "group_ids", "ratios", "rewards"):
         assert key in dump.files
-    assert dump["tokens"].shape[0] == 8 and np.all(np.isfinite(dump["ratios"]))
+    assert dump["response_tokens"].shape[0] == 8 and np.all(np.isfinite(dump["ratios"]))
     rows = [json.loads(x) for x in (tmp_path / "dumps" / "step_000002.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and "response" in rows[0]
 

@@ -203,6 +203,26 @@ class _Ctx:
     train_step: object
     batch_sharding: object
     prompt_cache: dict
+    mesh: object = None
+
+
+def _to_device(ctx: _Ctx, tree):
+    """Host numpy batch (every host holds the same full batch) -> global device arrays:
+    each host contributes its ``host_slice`` of the rows (multi-host safe)."""
+    if ctx.batch_sharding is None:
+        return jax.tree.map(jnp.asarray, tree)
+    from espo_jax.train.distributed import host_local_to_global, host_slice  # noqa: PLC0415
+    n = jax.tree.leaves(tree)[0].shape[0]
+    rows = host_slice(n)
+    return host_local_to_global(jax.tree.map(lambda x: np.asarray(x)[rows], tree), ctx.mesh)
+
+
+def _to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array as a full numpy array on every host."""
+    if jax.process_count() > 1 and not getattr(x, "is_fully_addressable", True):
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 class _Stop:
@@ -323,8 +343,7 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
     batch, info = _collect(ctx, state, step)
     t1 = time.perf_counter()
 
-    dev = (lambda x: jax.device_put(x, ctx.batch_sharding)) if ctx.batch_sharding else jnp.asarray
-    pt, pm, tk = dev(batch["prompt_tokens"]), dev(batch["prompt_mask"]), dev(batch["tokens"])
+    pt, pm, tk = _to_device(ctx, (batch["prompt_tokens"], batch["prompt_mask"], batch["tokens"]))
     old_logp, entropy = ctx.score_fn(state.params, state.rest, pt, pm, tk)
     ref_logp = None
     if cfg.train.beta > 0:
@@ -333,14 +352,14 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
                              estimator=cfg.advantage.estimator,
                              gradable=jnp.asarray(batch["gradable"]),
                              valid_only=bool(cfg.advantage.valid_only))
-    old_logp, entropy, adv = np.asarray(old_logp), np.asarray(entropy), np.asarray(adv)
+    old_logp, entropy, adv = _to_host(old_logp), _to_host(entropy), _to_host(adv)
     t2 = time.perf_counter()
 
     full = dict(prompt_tokens=batch["prompt_tokens"], prompt_mask=batch["prompt_mask"],
                 tokens=batch["tokens"], mask=batch["mask"], old_logp=old_logp,
                 entropy=entropy, advantages=adv.astype(np.float32))
     if ref_logp is not None:
-        full["ref_logp"] = np.asarray(ref_logp)
+        full["ref_logp"] = _to_host(ref_logp)
     bsz = batch["tokens"].shape[0]
     n_mb = int(cfg.train.num_minibatches)
     mb = bsz // n_mb
@@ -351,11 +370,10 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
         for j in range(n_mb):
             rows = perm[j * mb:(j + 1) * mb]
             mbatch = {k: v[rows] for k, v in full.items()}
-            if ctx.batch_sharding is not None:
-                mbatch = jax.device_put(mbatch, ctx.batch_sharding)
+            mbatch = _to_device(ctx, mbatch)
             state, m, logp = ctx.train_step(state, mbatch)
             m = jax.device_get(m)
-            last_logp[rows] = np.asarray(logp)
+            last_logp[rows] = _to_host(logp)
             updates.append(m)
             if m["nonfinite"] > 0:
                 nonfinite_run += 1
@@ -391,17 +409,15 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
     return state, metrics, dump, nonfinite_run
 
 
-def _write_dump(workdir: pathlib.Path, step: int, dump: dict, task, tok) -> None:
+def _write_dump(workdir: pathlib.Path, step: int, dump: dict, task, tok, config,
+                vocab: int) -> None:
+    """workdir/dumps/step_%06d.{npz,jsonl} in the format of ``espo_jax.train.dumps``."""
+    from espo_jax.train import dumps  # noqa: PLC0415
+
     d = workdir / "dumps"
     d.mkdir(parents=True, exist_ok=True)
-    arrays = {k: v for k, v in dump.items() if isinstance(v, np.ndarray)}
-    np.savez_compressed(d / f"step_{step:06d}.npz", **arrays)
-    with (d / f"step_{step:06d}.jsonl").open("w") as f:
-        for i, text in enumerate(dump["texts"]):
-            ex = task.train[int(dump["group_index"][i])]
-            f.write(json.dumps({"row": i, "group": int(dump["group_index"][i]),
-                                "prompt": ex.prompt, "answer": ex.answer, "response": text,
-                                "reward": float(dump["rewards"][i])}) + "\n")
+    dumps.write_runner_dump(d / f"step_{step:06d}", step=step, dump=dump, task=task,
+                            tokenizer=tok, config=config, vocab_size=vocab)
 
 
 def _export(state, config, tok, workdir: pathlib.Path) -> pathlib.Path:
@@ -472,7 +488,7 @@ def run(config, workdir) -> dict:
         batch_sharding=batch_sh)
     ctx = _Ctx(config=config, workdir=workdir, task=task, tok=tok,
                order=PromptOrder(len(task.train), int(config.seed)), score_fn=score_fn,
-               train_step=train_step, batch_sharding=batch_sh, prompt_cache={})
+               train_step=train_step, batch_sharding=batch_sh, prompt_cache={}, mesh=mesh)
     eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 2**30)
 
     def run_eval(step):
@@ -504,7 +520,7 @@ def run(config, workdir) -> dict:
             metrics["time_step_s"] = time.perf_counter() - t_step
             writer.write(step, metrics)
             if config.dump.every and step % int(config.dump.every) == 0 and jax.process_index() == 0:
-                _write_dump(workdir, step, dump, task, tok)
+                _write_dump(workdir, step, dump, task, tok, config, vocab)
             diverged = nonfinite_run >= int(config.train.max_nonfinite_in_a_row)
             if (stop.requested or diverged or step == num_steps
                     or step % max(1, int(config.checkpoint.every)) == 0):
