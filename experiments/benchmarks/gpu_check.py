@@ -1,8 +1,8 @@
 """Times one ESPO train step of a random Qwen3-shaped model and reports MFU.
 
-The step is the real thing, jitted with the project's shardings:
-  forward (prompt + response) -> chunked token log-probs (espo_jax.ops) ->
-  policy_loss("espo") -> grads -> optax AdamW update (params and moments donated).
+The step is the product's own ``espo_jax.train.step.make_train_step``, jitted with the
+project's shardings (``espo_jax.train.mesh``): forward (prompt + response) -> chunked token
+log-probs (espo_jax.ops) -> policy_loss("espo") -> grads -> clip -> AdamW (state donated).
 
 MFU = 6 * N * tokens / step_time / peak_flops, with N = all parameters (for a tied
 model the embedding counts once, as the unembedding matmul; the lookup is free).
@@ -25,12 +25,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from espo_jax.models import Decoder, ModelConfig
-from espo_jax.objectives import batch_counts, policy_loss
 from espo_jax.train.mesh import (
     abstract_state, batch_sharding, check_batch, make_mesh, opt_state_shardings,
     param_shardings)
@@ -90,47 +89,18 @@ def train_step_flops(cfg: ModelConfig, n_params: int, batch: int, prompt_len: in
     return dense, attn
 
 
-def make_train_step(graphdef, tx, *, prompt_len: int, chunk_size: int, vocab_size: int,
-                    objective: str = "espo"):
-    """step(params, opt_state, batch) -> (params, opt_state, loss, metrics).
-
-    batch: tokens i32[B,P+N] (left-padded prompt then response), attention_mask
-    i32[B,P+N], old_logp/entropy/mask f32[B,N], advantages f32[B].
-    """
-    from espo_jax.ops import token_logprobs_and_entropy
-
-    def loss_fn(params, batch):
-        model = nnx.merge(graphdef, params)
-        hidden = model.hidden_states(batch["tokens"], attention_mask=batch["attention_mask"])
-        # hidden at position i predicts token i+1: responses start at index P
-        h = hidden[:, prompt_len - 1:-1]
-        targets = batch["tokens"][:, prompt_len:]
-        logp, _ = token_logprobs_and_entropy(h, model.unembedding(), targets,
-                                             chunk_size=chunk_size)
-        return policy_loss(objective, logp, batch["old_logp"], batch["advantages"],
-                           batch["mask"], batch["entropy"],
-                           counts=batch_counts(batch["mask"]), vocab_size=vocab_size)
-
-    def step(params, opt_state, batch):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, loss, metrics
-
-    return step
-
-
 def make_batch(key, cfg: ModelConfig, batch: int, prompt_len: int, response_len: int):
-    """Random rollout-shaped batch (numpy, host)."""
+    """Random rollout-shaped minibatch (numpy, host) in the layout of espo_jax.train.step."""
     rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
-    t = prompt_len + response_len
-    tokens = rng.integers(1, cfg.vocab_size, (batch, t), dtype=np.int32)
-    attn = np.ones((batch, t), np.int32)
-    attn[: batch // 2, : prompt_len // 4] = 0  # some left padding
+    prompt_mask = np.ones((batch, prompt_len), np.int32)
+    prompt_mask[: batch // 2, : prompt_len // 4] = 0      # some left padding
     mask = np.ones((batch, response_len), np.float32)
-    mask[::2, response_len * 3 // 4:] = 0       # some early EOS
+    mask[::2, response_len * 3 // 4:] = 0                 # some early EOS
     return {
-        "tokens": tokens, "attention_mask": attn, "mask": mask,
+        "prompt_tokens": rng.integers(1, cfg.vocab_size, (batch, prompt_len), dtype=np.int32),
+        "prompt_mask": prompt_mask,
+        "tokens": rng.integers(1, cfg.vocab_size, (batch, response_len), dtype=np.int32),
+        "mask": mask,
         "old_logp": (-rng.exponential(2.0, (batch, response_len))).astype(np.float32),
         "entropy": rng.exponential(1.0, (batch, response_len)).astype(np.float32),
         "advantages": rng.standard_normal(batch).astype(np.float32),
@@ -138,38 +108,54 @@ def make_batch(key, cfg: ModelConfig, batch: int, prompt_len: int, response_len:
 
 
 def build(args):
-    """Mesh, shardings, abstract state and the jitted step (shared with the AOT test)."""
+    """Mesh, shardings, abstract state and the product's jitted train step
+    (``espo_jax.train.step.make_train_step``); shared with tests/test_sharding_aot.py."""
+    from espo_jax.train.optim import make_optimizer
+    from espo_jax.train.state import TrainState, state_shardings
+    from espo_jax.train.step import make_train_step
+
     cfg = model_config(args.model, args.remat, args.layers)
     dtype, pdtype = jnp.dtype(args.dtype), jnp.dtype(args.param_dtype)
     mesh = make_mesh(dict(data=args.data, fsdp=args.fsdp, tensor=args.tensor))
     check_batch(args.batch, mesh)
     init = lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=pdtype)  # noqa: E731
-    graphdef, abs_params = nnx.split(nnx.eval_shape(init), nnx.Param)
-    tx = optax.adamw(1e-6, weight_decay=0.0)
-    p_sh = param_shardings(abs_params, mesh)
-    o_sh = opt_state_shardings(jax.eval_shape(tx.init, abs_params), p_sh)
+    abstract_model = nnx.eval_shape(init)
+    tx = make_optimizer(ml_collections.ConfigDict(dict(
+        lr=1e-6, warmup_steps=0, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8)))
+    shardings = state_shardings(abstract_model, tx, mesh, param_shardings_fn=param_shardings,
+                                opt_shardings_fn=opt_state_shardings)
     b_sh = batch_sharding(mesh)
-    step = make_train_step(graphdef, tx, prompt_len=args.prompt_len, chunk_size=args.chunk_size,
-                           vocab_size=cfg.vocab_size)
-    jstep = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, None, None),
-                    donate_argnums=(0, 1))
+    jstep = make_train_step(tx, "espo", dict(vocab_size=cfg.vocab_size),
+                            chunk_size=args.chunk_size, temperature=1.0, micro_batch_size=0,
+                            state_shardings=shardings, batch_sharding=b_sh)
+    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
     return dict(cfg=cfg, mesh=mesh, init=init, tx=tx, graphdef=graphdef, abs_params=abs_params,
-                p_sh=p_sh, o_sh=o_sh, b_sh=b_sh, jstep=jstep)
+                abs_rest=abs_rest, shardings=shardings, b_sh=b_sh, jstep=jstep,
+                TrainState=TrainState)
 
 
 def abstract_inputs(b, batch: int, prompt_len: int, response_len: int):
-    """ShapeDtypeStructs (with shardings) for an AOT ``jstep.lower(*inputs)``."""
-    params = abstract_state(b["abs_params"], b["p_sh"])
-    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       jax.eval_shape(b["tx"].init, b["abs_params"]), b["o_sh"])
-    t = prompt_len + response_len
-    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=b["b_sh"])  # noqa: E731
-    data = {"tokens": sds((batch, t), jnp.int32), "attention_mask": sds((batch, t), jnp.int32),
-            "mask": sds((batch, response_len), jnp.float32),
-            "old_logp": sds((batch, response_len), jnp.float32),
-            "entropy": sds((batch, response_len), jnp.float32),
-            "advantages": sds((batch,), jnp.float32)}
-    return params, opt, data
+    """(TrainState, batch) of ShapeDtypeStructs with shardings for ``jstep.lower``."""
+    sh = b["shardings"]
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    state = b["TrainState"](
+        graphdef=b["graphdef"], params=abstract_state(b["abs_params"], sh.params),
+        rest=abstract_state(b["abs_rest"], sh.rest),
+        opt_state=jax.tree.map(sds, jax.eval_shape(b["tx"].init, b["abs_params"]), sh.opt_state),
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sh.step), ref_params=None)
+    host = make_batch(jax.random.key(0), b["cfg"], batch, prompt_len, response_len)  # small
+    data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b["b_sh"]) for k, v in host.items()}
+    return state, data
+
+
+def create_state(b):
+    """A real, sharded TrainState of the random model (each device builds only its shards)."""
+    from espo_jax.train.state import create_state as _create
+    sh = b["shardings"]
+    params, rest = jax.jit(lambda: nnx.split(b["init"](), nnx.Param, ...)[1:],
+                           out_shardings=(sh.params, sh.rest))()
+    model = nnx.merge(b["graphdef"], params, rest)
+    return _create(model, b["tx"], shardings=sh)
 
 
 def parse(argv=None):
@@ -221,26 +207,26 @@ def main(argv=None) -> dict:
           flush=True)
 
     t0 = time.perf_counter()
-    params = jax.jit(lambda: nnx.split(b["init"](), nnx.Param)[1], out_shardings=b["p_sh"])()
-    opt_state = jax.jit(b["tx"].init, out_shardings=b["o_sh"])(params)
+    state = create_state(b)
     data = jax.device_put(make_batch(jax.random.key(0), cfg, args.batch, args.prompt_len,
                                      args.response_len), b["b_sh"])
-    jax.block_until_ready((params, opt_state))
+    jax.block_until_ready(state)
     t_init = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    compiled = b["jstep"].lower(params, opt_state, data).compile()
+    compiled = b["jstep"].lower(state, data).compile()
     t_compile = time.perf_counter() - t0
     mem = compiled.memory_analysis()
 
-    params, opt_state, loss, _ = compiled(params, opt_state, data)  # warm-up
-    jax.block_until_ready(loss)
+    state, metrics, _ = compiled(state, data)  # warm-up
+    jax.block_until_ready(metrics)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        params, opt_state, loss, metrics = compiled(params, opt_state, data)
-        jax.block_until_ready((params, loss))
+        state, metrics, _ = compiled(state, data)
+        jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
+    loss = metrics["loss"]
     step_time = float(np.median(times))
 
     tokens = args.batch * (args.prompt_len + args.response_len)
