@@ -327,6 +327,15 @@ def test_setup_distributed_single_host(monkeypatch):
                            "process_id": 1}}
     assert dist.setup_distributed(cfg, env={}) is True
     assert called == [dict(coordinator_address="h:1", num_processes=2, process_id=1)]
+    # placeholders mean "detect": nothing passed
+    cfg = {"distributed": {"initialize": True, "coordinator_address": "", "num_processes": 0,
+                           "process_id": -1}}
+    dist.setup_distributed(cfg, env={})
+    assert called[-1] == {}
+    # multi-node GPU by hand: coordinator from the env (jax reads it), count and id by us
+    env = {"JAX_COORDINATOR_ADDRESS": "n0:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+    assert dist.setup_distributed(None, env=env) is True
+    assert called[-1] == dict(num_processes=4, process_id=2)
 
 
 def test_sampling_does_not_depend_on_the_mesh():

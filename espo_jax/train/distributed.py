@@ -8,8 +8,9 @@ jax device). It
     and on 256 chips samples the same tokens;
   * calls ``jax.distributed.initialize()`` when ``config.distributed.initialize`` is true
     or the environment shows a multi-host launch:
-      - ``JAX_COORDINATOR_ADDRESS`` (+ ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``): any
-        cluster, e.g. multi-node GPU launched by hand / mpirun / torchrun-style scripts;
+      - ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) with ``JAX_NUM_PROCESSES``
+        and ``JAX_PROCESS_ID`` (read here and passed on): any cluster, e.g. multi-node GPU
+        launched by hand or by a script;
       - SLURM (``SLURM_JOB_ID`` with ``SLURM_NTASKS`` > 1): jax reads the node list and
         task ids itself;
       - Open MPI (``OMPI_COMM_WORLD_SIZE`` > 1): jax's mpi4py-free OMPI detection;
@@ -100,8 +101,18 @@ def setup_distributed(config: Any = None, *, env: dict[str, str] | None = None) 
     kwargs = {}
     for key in ("coordinator_address", "num_processes", "process_id", "local_device_ids"):
         v = _get(dcfg, key)
-        if v not in (None, "", -1):
+        unset = v is None or v == "" or (isinstance(v, int) and (
+            v < 0 or (v == 0 and key == "num_processes")))
+        if not unset:  # "", -1 and num_processes=0 mean "let jax detect it"
             kwargs[key] = v
+    # jax itself reads JAX_COORDINATOR_ADDRESS but not these two; read them for it.
+    environ = os.environ if env is None else env
+    for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if key not in kwargs and str(environ.get(var, "")).strip():
+            try:
+                kwargs[key] = int(environ[var])
+            except ValueError:
+                raise ValueError(f"{var}={environ[var]!r} must be an integer") from None
     log.info("jax.distributed.initialize(%s) (reason: %s)", kwargs, reason)
     jax.distributed.initialize(**kwargs)
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
