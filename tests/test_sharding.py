@@ -285,6 +285,12 @@ def test_batch_sharding_and_checks():
         check_batch(6, mesh)
     g = dist.host_local_to_global({"ids": np.ones((8, 3), np.int32)}, mesh)
     assert g["ids"].shape == (8, 3) and g["ids"].sharding.spec == P(("data", "fsdp"))
+    full = {"ids": np.arange(24, dtype=np.int32).reshape(8, 3), "n": np.float32(2.0)}
+    gg = dist.device_put_global(full, mesh)
+    assert gg["ids"].sharding.spec == P(("data", "fsdp")) and gg["n"].sharding.spec == P()
+    np.testing.assert_array_equal(np.asarray(gg["ids"]), full["ids"])
+    assert gg["ids"].addressable_shards[1].data.shape == (2, 3)
+    assert dist.process_rows(8, mesh) == slice(0, 8)   # one process holds every row
     back = dist.to_host(g)
     assert isinstance(back["ids"], np.ndarray) and back["ids"].shape == (8, 3)
 

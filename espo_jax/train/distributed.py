@@ -20,8 +20,10 @@ jax device). It
     Explicit ``config.distributed.{coordinator_address,num_processes,process_id}``
     override the detection.
 
-Host-local data: each process loads ``host_slice(n, process_index, process_count)`` of
-the prompts and turns its rows into one global array with ``host_local_to_global``.
+Feeding jitted steps: when every host holds the same full batch (the RL loop: prompts
+come from a seeded order, rewards are computed everywhere), ``device_put_global`` makes
+the global arrays, each host copying only the rows its devices own. For host-local data
+(each host loaded ``host_slice(n)`` of a dataset) use ``host_local_to_global``.
 Only ``is_main_process()`` writes metrics, plots and exported models; orbax
 checkpoints must be saved/restored by *every* process (orbax coordinates them).
 """
@@ -143,13 +145,53 @@ def host_slice(n: int, process_index: int | None = None,
     return slice(pi * k, (pi + 1) * k)
 
 
-def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
-    """Host-local rows [B/num_hosts, ...] -> global jax.Arrays [B, ...] over ("data","fsdp").
+def process_rows(n: int, mesh: Mesh) -> slice:
+    """The rows of a global [n, ...] batch that this process's devices hold under
+    ``batch_sharding(mesh)``, as one slice (raises if they are not contiguous)."""
+    from espo_jax.train.mesh import batch_sharding
 
-    On one host this is just a sharded ``device_put``. Rows of process i must be
-    ``host_slice(B, i)`` of the global batch (the mesh's device order keeps hosts'
-    devices contiguous along the batch axes when "tensor" stays within a host).
-    0-d leaves must be identical on every host and are replicated.
+    idx = batch_sharding(mesh).addressable_devices_indices_map((n,))
+    spans = sorted({(s[0].start or 0, n if s[0].stop is None else s[0].stop)
+                    for s in idx.values()})
+    lo, hi = spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > hi:
+            raise ValueError(f"process {jax.process_index()} holds non-contiguous rows {spans} "
+                             f"of the batch; use device_put_global (every host passes the "
+                             f"full batch)")
+        hi = max(hi, b)
+    return slice(lo, hi)
+
+
+def device_put_global(tree: Any, mesh: Mesh) -> Any:
+    """Full host batch (the SAME numpy arrays on every host) -> global jax.Arrays with the
+    leading dim over ("data", "fsdp"); 0-d leaves replicated.
+
+    Each process copies only the rows its own devices hold (``make_array_from_callback``),
+    so this is correct for any device order (TPU topologies interleave hosts) and costs no
+    cross-host traffic. The simplest multi-host-safe way to feed a jitted step.
+    """
+    from espo_jax.train.mesh import batch_sharding, replicated
+
+    bs, rep = batch_sharding(mesh), replicated(mesh)
+
+    def one(x):
+        x = np.asarray(x)
+        sh = rep if x.ndim == 0 else bs
+        return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+
+def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
+    """Host-local rows -> global jax.Arrays [B, ...] over ("data", "fsdp").
+
+    For data that really is host-local (each host loaded only its share). The rows of
+    this process must be ``process_rows(B, mesh)`` of the global batch: with
+    ``make_mesh``'s device order on GPUs (devices sorted by process, "tensor" inside a
+    host) that is ``host_slice(B)``; check with ``process_rows`` on other topologies, or
+    use ``device_put_global`` when every host has the full batch. On one host this is a
+    sharded ``device_put``. 0-d leaves must be identical on every host.
     """
     from espo_jax.train.mesh import batch_sharding, replicated
 
