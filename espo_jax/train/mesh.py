@@ -73,7 +73,7 @@ def resolve_mesh_shape(sizes: Sequence[int], num_devices: int,
     must divide it, so that a mesh never straddles devices unevenly.
     """
     sizes = [int(s) for s in sizes]
-    desc = "(" + ", ".join(f"{n}={s}" for n, s in zip(names, sizes)) + ")"
+    desc = "config.mesh (" + ", ".join(f"{n}={s}" for n, s in zip(names, sizes)) + ")"
     bad = [n for n, s in zip(names, sizes) if s == 0 or s < -1]
     if bad:
         raise ValueError(f"mesh sizes must be >= 1 or -1 (= the rest); got {desc}")
@@ -81,11 +81,11 @@ def resolve_mesh_shape(sizes: Sequence[int], num_devices: int,
         raise ValueError(f"at most one mesh axis may be -1 (= the rest); got {desc}")
     known = math.prod(s for s in sizes if s != -1)
     if known > num_devices:
-        raise ValueError(f"mesh {desc} needs {known} devices but only {num_devices} are "
+        raise ValueError(f"{desc} needs {known} devices but only {num_devices} are "
                          "available")
     if num_devices % known:
         raise ValueError(
-            f"mesh {desc}: the product of the fixed sizes ({known}) does not divide the "
+            f"{desc}: the product of the fixed sizes ({known}) does not divide the "
             f"{num_devices} available devices")
     if -1 in sizes:
         sizes[sizes.index(-1)] = num_devices // known
@@ -116,13 +116,14 @@ def make_mesh(mesh_cfg: Any = None, *, devices: Sequence[jax.Device] | None = No
     if n < len(devices):
         log.info("mesh %s uses the first %d of %d devices", shape, n, len(devices))
     devs = devices[:n]
-    try:  # topology-aware order (TPU ICI rings, GPU NVLink islands) when all devices used
-        if n == len(jax.devices()):
-            from jax.experimental import mesh_utils
+    arr = None
+    if n == len(jax.devices()):  # topology-aware order (TPU ICI rings, GPU NVLink islands)
+        from jax.experimental import mesh_utils
+        try:
             arr = mesh_utils.create_device_mesh(shape, devices=devs)
-        else:
-            raise ValueError
-    except Exception:  # noqa: BLE001 - any topology failure: plain order is still correct
+        except Exception as e:  # noqa: BLE001 - odd topology: plain order is still correct
+            log.info("mesh_utils.create_device_mesh failed (%s); using device order", e)
+    if arr is None:
         arr = np.asarray(devs, dtype=object).reshape(shape)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return Mesh(arr, MESH_AXES, axis_types=auto)
