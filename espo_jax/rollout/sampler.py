@@ -157,12 +157,12 @@ def bucket_length(n: int, minimum: int = 16) -> int:
 
 def _normalise_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """list[list[int]] or (ids [B, P], mask [B, P]) -> left-padded int32 numpy (ids, mask)."""
-    if isinstance(prompts, tuple) and len(prompts) == 2 and not isinstance(prompts[0], (int, np.integer)) \
-            and np.ndim(prompts[0]) == 2:
+    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
         ids = np.asarray(prompts[0]).astype(np.int32)
         mask = np.asarray(prompts[1]).astype(np.int32)
         if ids.shape != mask.shape:
-            raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must have the same shape [B, P]")
+            raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must have the "
+                             "same shape [B, P]")
         if ids.shape[0] == 0:
             raise ValueError("no prompts given (B = 0)")
         if not np.isin(mask, (0, 1)).all():
@@ -170,7 +170,8 @@ def _normalise_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         lens = mask.sum(1)
         empty = np.flatnonzero(lens == 0)
         if empty.size:
-            raise ValueError(f"empty prompt(s) at row(s) {empty.tolist()}: every prompt needs >= 1 token")
+            raise ValueError(f"empty prompt(s) at row(s) {empty.tolist()}: every prompt "
+                             "needs >= 1 token")
         # Left padding: zeros then ones in every row.
         if (np.diff(mask, axis=1) < 0).any():
             bad = np.flatnonzero((np.diff(mask, axis=1) < 0).any(1)).tolist()
@@ -196,7 +197,10 @@ def _eos_array(eos_id) -> np.ndarray:
     multiple of 8 so that stop lists of different sizes share one compile."""
     if eos_id is None:
         return np.zeros((0,), np.int32)
-    ids = [int(eos_id)] if isinstance(eos_id, (int, np.integer)) else sorted({int(e) for e in eos_id})
+    if isinstance(eos_id, (int, np.integer)):
+        ids = [int(eos_id)]
+    else:
+        ids = sorted({int(e) for e in eos_id})
     if not ids:
         return np.zeros((0,), np.int32)
     return np.asarray(ids + ids[:1] * (-len(ids) % 8), np.int32)
