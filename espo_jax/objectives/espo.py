@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from espo_jax.objectives import aggregation, metrics
@@ -22,24 +23,39 @@ from espo_jax.objectives.ratios import group_ratio_token_form, group_times_token
 def _group_stats(batch, delta, *, grouping, top_fraction, num_groups, entropy_edges):
     """Per-token group statistics, all f32.
 
-    Returns (onehot [B,T,K] or None, mean log-ratio [B,T], mean entropy [B,T],
-    group size [B,T], non-empty groups per sequence [B], per-group (count, mean entropy) [B,K]).
+    Returns (member masks: list of K f32[B, T], or None in token mode; per-token mean
+    log-ratio [B, T], mean entropy [B, T] and size [B, T] of the token's group; non-empty
+    groups per sequence [B]; per-group (count, mean entropy) lists of K f32[B]).
     """
     if grouping == "token":  # each token alone: its group statistics are its own values
         return (None, delta, batch.entropy, batch.valid, batch.lengths.astype(jnp.float32), None)
     T = delta.shape[-1]
     K = num_group_ids(grouping, num_groups, entropy_edges, T)
     g = group_ids(batch.entropy, batch.mask, grouping, top_fraction, num_groups, entropy_edges)
-    # One-hot over the (small, static) number of groups; elementwise products and sums keep
-    # full f32 precision (a dot/einsum could run in TF32 on GPUs).
-    onehot = (g[..., None] == jnp.arange(K, dtype=jnp.int32)).astype(jnp.float32)
-    count = jnp.sum(onehot, axis=1)  # [B, K]
-    inv = aggregation.safe_inverse(count)
-    mean_delta = jnp.sum(onehot * delta[..., None], axis=1) * inv
-    mean_ent = jnp.sum(onehot * batch.entropy[..., None], axis=1) * inv
-    to_tokens = lambda x: jnp.sum(onehot * x[:, None, :], axis=-1)
-    n_groups = jnp.sum(count > 0, axis=-1).astype(jnp.float32)
-    return onehot, to_tokens(mean_delta), to_tokens(mean_ent), to_tokens(count), n_groups, (count, mean_ent)
+    # One [B, T] member mask per group (K is small and static): contiguous row reductions,
+    # exact f32 (no dot products, which could run in TF32 on GPUs), no [B, T, K] tensor.
+    # The last group's sums are the row totals minus the others' (one pass fewer).
+    members = [(g == k).astype(jnp.float32) for k in range(K)]
+
+    def sums(x):
+        parts = [jnp.sum(m * x, axis=-1) for m in members[:-1]]
+        return parts + [jnp.sum(x, axis=-1) - sum(parts)]
+
+    counts = sums(batch.valid)
+    inverse = [aggregation.safe_inverse(c) for c in counts]
+    means_delta = [s * i for s, i in zip(sums(delta), inverse)]
+    sums_ent = sums(batch.entropy)
+    means_ent = [s * i for s, i in zip(sums_ent, inverse)]
+
+    def to_tokens(per_group):  # [B] per group -> the value of each token's group, [B, T]
+        out = jnp.zeros_like(delta)
+        for k in range(K):
+            out = jnp.where(g == k, per_group[k][:, None], out)
+        return out
+
+    n_groups = sum((c > 0).astype(jnp.float32) for c in counts)
+    return (members, to_tokens(means_delta), to_tokens(means_ent), to_tokens(counts), n_groups,
+            (counts, means_ent, sums_ent))
 
 
 def _eps(mean_entropy, *, clip_mode, alpha, vocab_size, eps_min, eps_max):
@@ -54,7 +70,7 @@ def _eps(mean_entropy, *, clip_mode, alpha, vocab_size, eps_min, eps_max):
 def espo(batch, *, grouping, top_fraction, num_groups, entropy_edges, token_ratio, clip_mode,
          alpha, vocab_size, eps_min, eps_max, clip_low, clip_high, max_log_ratio):
     delta = batch.logp - batch.old
-    onehot, g_delta, g_ent, g_size, n_groups, per_group = _group_stats(
+    members, g_delta, g_ent, g_size, n_groups, per_group = _group_stats(
         batch, delta, grouping=grouping, top_fraction=top_fraction, num_groups=num_groups,
         entropy_edges=entropy_edges)
     eps_kw = dict(clip_mode=clip_mode, alpha=alpha, vocab_size=vocab_size, eps_min=eps_min, eps_max=eps_max)
@@ -75,18 +91,19 @@ def espo(batch, *, grouping, top_fraction, num_groups, entropy_edges, token_rati
     out["eps_mean"] = metrics.masked_mean(eps, batch.valid)
     nonempty = (batch.lengths > 0).astype(jnp.float32)
     out["groups_per_seq"] = metrics.masked_mean(n_groups, nonempty)
-    if onehot is not None:
-        count, mean_ent = per_group
-        if clip_mode == "adaptive":
-            eps_group = _eps(mean_ent, **eps_kw)
-        else:
-            eps_group = jnp.full_like(mean_ent, 0.5 * (clip_low + clip_high))
-        clipped_f = clipped.astype(jnp.float32)
-        for k in range(onehot.shape[-1]):
-            tok = onehot[..., k]
-            present = (count[:, k] > 0).astype(jnp.float32)
-            out[f"group{k}/entropy_mean"] = metrics.masked_mean(batch.entropy, tok)
-            out[f"group{k}/eps_mean"] = metrics.masked_mean(eps_group[:, k], present)
-            out[f"group{k}/token_share"] = metrics.masked_mean(tok, batch.valid)
-            out[f"group{k}/clip_frac"] = metrics.masked_mean(clipped_f, tok)
+    if members is not None:
+        # Per group rank k, reusing the per-row sums: only the clip fraction needs a pass.
+        clipped_f = jax.lax.stop_gradient(clipped.astype(jnp.float32))
+        inv_tokens = aggregation.safe_inverse(jnp.sum(batch.lengths))
+        for k, (tok, count, mean_ent, sum_ent) in enumerate(zip(members, *per_group)):
+            if clip_mode == "adaptive":
+                eps_group = _eps(mean_ent, **eps_kw)
+            else:
+                eps_group = jnp.full_like(mean_ent, 0.5 * (clip_low + clip_high))
+            n_k = jnp.sum(count)
+            inv_k = aggregation.safe_inverse(n_k)
+            out[f"group{k}/entropy_mean"] = jax.lax.stop_gradient(jnp.sum(sum_ent) * inv_k)
+            out[f"group{k}/eps_mean"] = metrics.masked_mean(eps_group, (count > 0).astype(jnp.float32))
+            out[f"group{k}/token_share"] = n_k * inv_tokens
+            out[f"group{k}/clip_frac"] = jnp.sum(tok * clipped_f) * inv_k
     return loss, weights, out
