@@ -120,7 +120,7 @@ def make_runs(variants: Sequence[Variant], seeds: Sequence[int], *, runs_dir: pa
 # ------------------------------------------------------------------------ running --
 def _identity(argv: Sequence[str]) -> list[str]:
     """The part of a command that defines the run (not the interpreter path)."""
-    return [a for a in argv[1:]]
+    return list(argv[1:])
 
 
 def is_finished(run: Run) -> bool:
@@ -212,12 +212,21 @@ def run_one(run: Run, *, keep_checkpoints: bool = False, timeout_s: float | None
 
 
 def run_all(runs: Sequence[Run], *, jobs: int = 1, keep_checkpoints: bool = False,
-            timeout_s: float | None = None, log=print) -> list[dict]:
-    """Run every run not yet finished, ``jobs`` subprocesses at a time."""
+            timeout_s: float | None = None, compile_cache: pathlib.Path | None = None,
+            log=print) -> list[dict]:
+    """Run every run not yet finished, ``jobs`` subprocesses at a time.
+
+    compile_cache: a directory for JAX's persistent compilation cache, shared by the runs
+    (seeds and objectives compile the same sampler / scoring programs: compile once).
+    """
     todo = [r for r in runs if not is_finished(r)]
     log(f"{len(runs)} runs: {len(runs) - len(todo)} already finished, {len(todo)} to run "
         f"({jobs} at a time)")
     env = {}
+    if compile_cache is not None and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        compile_cache.mkdir(parents=True, exist_ok=True)
+        env["JAX_COMPILATION_CACHE_DIR"] = str(compile_cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     if jobs > 1:  # several XLA processes on few cores: avoid oversubscribing thread pools
         env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                             " --xla_cpu_multi_thread_eigen=false").strip()
@@ -524,6 +533,8 @@ def add_common_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
     p.add_argument("--keep_checkpoints", action="store_true",
                    help="keep checkpoints/ and final_policy/ of finished runs")
     p.add_argument("--timeout", type=float, default=None, help="per-run wall limit (s)")
+    p.add_argument("--no_compile_cache", action="store_true",
+                   help="do not share JAX's persistent compilation cache (RUNS/.jax_cache)")
 
 
 def parse_seeds(s: str, smoke: bool, given: bool) -> list[int]:
@@ -605,3 +616,12 @@ def resolved_settings(runs: Sequence[Run]) -> list[str]:
                     f"lr {tr.get('lr')}, eval every {ev.get('every')} steps on "
                     f"{ev.get('num_examples')} held-out problems"]
     return []
+
+
+def run_sweep(runs: Sequence[Run], args) -> list[dict]:
+    """run_all with the CLI options of add_common_args (nothing when --report_only)."""
+    if args.report_only:
+        return []
+    cache = None if args.no_compile_cache else pathlib.Path(args.runs_dir) / ".jax_cache"
+    return run_all(runs, jobs=args.jobs, keep_checkpoints=args.keep_checkpoints,
+                   timeout_s=args.timeout, compile_cache=cache)

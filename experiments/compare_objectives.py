@@ -120,8 +120,7 @@ def main(argv=None) -> int:
     runs = C.make_runs(vs, seeds, runs_dir=pathlib.Path(args.runs_dir), config=config,
                        smoke=args.smoke, steps=args.steps, extra=extra,
                        dump_every=args.dump_every, dump_variant="espo")
-    statuses = [] if args.report_only else C.run_all(
-        runs, jobs=args.jobs, keep_checkpoints=args.keep_checkpoints, timeout_s=args.timeout)
+    statuses = C.run_sweep(runs, args)
 
     results = C.load_results(runs)
     target = args.target if args.target is not None else C.default_target(results)

@@ -150,7 +150,10 @@ def test_smoke_sweeps_end_to_end(tmp_path):
     the ESPO run and adds the no-grouping run; a rerun is a no-op (resumable)."""
     runs_dir = tmp_path / "runs"
     common = ["--runs_dir", str(runs_dir), "--config", _smoke_config(), "--smoke"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # One host device per run (conftest forces 8 for the sharding tests).
+    xla = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if "force_host_platform_device_count" not in f)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": xla}
     cmp_out = tmp_path / "cmp"
     t0 = time.time()
     p = subprocess.run([sys.executable, str(REPO / "experiments" / "compare_objectives.py"),
