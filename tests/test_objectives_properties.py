@@ -65,7 +65,7 @@ def test_invariant_to_permuting_sequences(case, seed, lengths, perm):
     perm = np.asarray(perm)
     loss, grad = _run(case, b)
     loss_p, grad_p = _run(case, {k: v[perm] for k, v in b.items()})
-    assert loss_p == pytest.approx(loss, rel=1e-5, abs=1e-8)
+    assert loss_p == pytest.approx(loss, rel=1e-5, abs=1e-6)  # summation order changes
     np.testing.assert_allclose(grad_p, grad[perm], rtol=1e-5, atol=1e-9)
 
 
