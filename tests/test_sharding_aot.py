@@ -6,7 +6,7 @@ grads -> AdamW, jitted with the project's shardings (experiments/benchmarks/gpu_
 builds it). Compiling all 28 (unrolled) layers takes ~90 s on 2 CPU cores, so the test
 compiles 2 and 4 layers and extrapolates linearly per layer to 28; set ESPO_AOT_FULL=1
 to compile all 28 layers instead. Arguments extrapolate exactly; temporaries do not (a
-full 28-layer compile measured 3.18 GiB vs 2.47 GiB extrapolated on jax 0.10.2 CPU: with
+full 28-layer compile measured 3.33 GiB vs 2.53 GiB extrapolated on jax 0.10.2 CPU: with
 more layers XLA overlaps more weight all-gathers), so read the extrapolated temporaries
 as a lower bound.
 """

@@ -70,7 +70,10 @@ def runs(tmp_path_factory):
         pytest.xfail(f"the embedded arith policy ({_asset_dir()}) is not built yet: "
                      "configs/default.py:smoke cannot run")
     root = tmp_path_factory.mktemp("mesh_runs")
-    return {name: _run(root / name, mesh) for name, mesh in MESHES.items()}
+    out = {name: _run(root / name, mesh) for name, mesh in MESHES.items()}
+    for name, rec in out.items():  # shown with -s: the numbers being compared
+        print(f"[mesh {name}] " + ", ".join(f"{k}={_pick(rec, k)[1]:.6g}" for k in KEYS))
+    return out
 
 
 @pytest.mark.slow
