@@ -313,3 +313,25 @@ def test_config_round_trips_through_hf_dict():
   assert ModelConfig.from_hf(cfg.to_hf()) == cfg
   q2 = ModelConfig.from_hf(dict(architectures=["Qwen2ForCausalLM"], **BASE))
   assert q2.qkv_bias and not q2.o_bias and not q2.qk_norm and q2.head_dim == 16
+
+
+@pytest.mark.parametrize("rope", [
+    dict(rope_type="default", rope_theta=1e6),
+    dict(rope_type="linear", rope_theta=1e4, factor=4.0),
+    dict(LLAMA3_ROPE),
+])
+def test_rope_frequencies_match_transformers(rope):
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  from espo_jax.models.layers import rope_inv_freq
+  hf_cfg = transformers.LlamaConfig(**BASE, rope_parameters=dict(rope))
+  hf_cfg.architectures = ["LlamaForCausalLM"]
+  ours = rope_inv_freq(ModelConfig.from_hf(hf_cfg.to_dict()))
+  if rope["rope_type"] == "default":
+    theta, hd = rope["rope_theta"], BASE["hidden_size"] // BASE["num_attention_heads"]
+    ref = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
+  else:
+    ref, scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg, "cpu")
+    assert scale == 1.0
+    ref = ref.numpy()
+  np.testing.assert_allclose(ours, ref, rtol=1e-6)

@@ -13,17 +13,13 @@ from flax import nnx
 
 from espo_jax.models import cache as cache_lib
 from espo_jax.models.config import ModelConfig
+from espo_jax.models.dtypes import canonical_dtype as _as_dtype
 from espo_jax.models.layers import Block, RMSNorm, param, rope_inv_freq
 
 
 def positions_from_mask(mask):
   """Left padding: positions = cumsum(mask) - 1, clipped at 0. mask [B,T] -> i32[B,T]."""
   return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def _as_dtype(dtype):
-  from espo_jax.models.dtypes import canonical_dtype
-  return canonical_dtype(dtype)
 
 
 class Decoder(nnx.Module):

@@ -121,6 +121,14 @@ def child_model(a) -> dict:
           "decode_tokens_per_s": a.B / t_dec, "decode_step_seconds": t_dec}
 
 
+def auto_chunk(vocab: int) -> int:
+  """Largest power of two with chunk * V * 4 bytes <= 128 MiB (at least 64 rows)."""
+  c = 64
+  while 2 * c * vocab * 4 <= 2**27:
+    c *= 2
+  return c
+
+
 def run_child(args: list[str]) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child"] + args
   out = subprocess.run(cmd, capture_output=True, text=True)
@@ -143,7 +151,8 @@ def main():
   p.add_argument("--D", type=int, default=256)
   p.add_argument("--V", type=int, default=32768)
   p.add_argument("--vocab", type=int, nargs="*", default=None)
-  p.add_argument("--chunk", type=int, default=512, help="token rows per block")
+  p.add_argument("--chunk", type=int, default=0,
+                 help="token rows per block; 0 = auto, so a [chunk, V] f32 block is ~128 MiB")
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--dtype", default="float32")
@@ -152,19 +161,21 @@ def main():
   a = p.parse_args()
 
   if a.child:
+    if not a.chunk:
+      a.chunk = auto_chunk(a.V)
     res = child_model(a) if a.variant == "model" else child_op(a)
     print(json.dumps(res))
     return
 
   if a.quick:
-    a.T, a.iters, a.layers, a.chunk = 256, 1, 2, 128
+    a.T, a.iters, a.layers, a.chunk = 256, 1, 2, a.chunk or 128
   vocabs = a.vocab or ([32768] if a.quick else [32768, 151936])
   common = ["--B", str(a.B), "--T", str(a.T), "--D", str(a.D), "--iters", str(a.iters),
             "--chunk", str(a.chunk), "--max_run_gb", str(a.max_run_gb)]
   import jax  # only to name the backend in the report
   print(f"backend={jax.default_backend()} devices={jax.device_count()} "
-        f"B={a.B} T={a.T} D={a.D} chunk={a.chunk} value_and_grad of sum(logp)+sum(entropy)")
-  print(f"{'V':>7} {'variant':>8} {'peak GiB':>9} {'XLA temp GiB':>12} {'time s':>8}"
+        f"B={a.B} T={a.T} D={a.D} chunk={a.chunk or 'auto'} value_and_grad of sum(logp)+sum(entropy)")
+  print(f"{'V':>7} {'chunk':>5} {'variant':>8} {'peak GiB':>9} {'XLA temp GiB':>12} {'time s':>8}"
         f" {'mem ratio':>9} {'time ratio':>10}")
   for v in vocabs:
     rows = {var: run_child(common + ["--variant", var, "--V", str(v)])
@@ -183,7 +194,7 @@ def main():
         else:
           mem_ratio = f"{n['xla_temp_bytes'] / max(c['xla_temp_bytes'], 1):.1f}x*"
       secs = f"{r['seconds']:8.3f}" if r.get("ran") else " not run"
-      print(f"{v:>7} {var:>8} {_gb(r.get('peak_bytes'))} {_gb(r['xla_temp_bytes']):>12} "
+      print(f"{v:>7} {a.chunk or auto_chunk(v):>5} {var:>8} {_gb(r.get('peak_bytes'))} {_gb(r['xla_temp_bytes']):>12} "
             f"{secs} {mem_ratio:>9} {time_ratio:>10}")
   print("peak = device peak_bytes_in_use if reported, else host peak-RSS growth; "
         "* = ratio of XLA temp buffers (variant too big to run here)")
