@@ -1,8 +1,9 @@
 """Entropy segmentation of each response into groups of similar old-policy entropy.
 
 Ranks order the valid tokens of ONE sequence by entropy descending, ties by position
-ascending. Everything is written for one row and vmapped over the batch, so tokens of
-different responses never mix. No sort is needed for the loss: "rank < n" is a threshold
+ascending. Every operation works along one row (a vmapped row function, or batched ops
+that reduce over T only), so tokens of different responses never mix. No sort is needed
+for the loss: "rank < n" is a threshold
 test against the n-th largest entropy, found exactly by a 32-step bisection on the
 order-preserving uint32 image of the float (radix select: 32 fused compare+count passes,
 O(32 T) per row, against O(T log^2 T) for a sorting network), with ties resolved by a
@@ -72,28 +73,45 @@ def _threshold(key, n):
     Bisection from the most significant bit: keep a bit when at least n keys of the row
     reach the candidate. 32 fused compare+count passes over [B, T] (row-wise only, so
     rows never mix); the result is always an existing key of the row."""
-    v = jnp.zeros(n.shape, jnp.uint32)
-    for bit in range(31, -1, -1):  # unrolled: lets XLA fuse each pass
-        cand = v | jnp.uint32(1 << bit)
+    def step(i, v):
+        cand = v | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
         count = jnp.sum(key >= cand[:, None], axis=-1, dtype=jnp.int32)
-        v = jnp.where(count >= n, cand, v)
-    return v
+        return jnp.where(count >= n, cand, v)
+
+    # A rolled loop: as fast as unrolling here and compiles much faster.
+    return jax.lax.fori_loop(0, 32, step, jnp.zeros(n.shape, jnp.uint32))
 
 
 def _in_top(key, n):
     """bool[B, T]: token has rank < n[b] in its row (0 <= n <= L); key uint32[B, T].
 
     Tokens above the threshold are in; of those equal to it, the first (n - #above) by
-    position. The position cumsum only runs when some row splits a run of ties."""
+    position. That tie-break only runs when some row of the batch splits a run of ties."""
     v = _threshold(key, n)[:, None]
     valid = key > 0
     above = valid & (key > v)
     tie = valid & (key == v)
     room = (n - jnp.sum(above, axis=-1, dtype=jnp.int32))[:, None]
     split = jnp.any(jnp.sum(tie, axis=-1, dtype=jnp.int32)[:, None] > room)
-    take_ties = jax.lax.cond(split, lambda: tie & (jnp.cumsum(tie, axis=-1, dtype=jnp.int32) <= room),
-                             lambda: tie)
+    take_ties = jax.lax.cond(split, lambda: _first_true(tie, room), lambda: tie)
     return (n[:, None] > 0) & (above | take_ties)
+
+
+def _first_true(flags, count):
+    """bool[B, T]: the first count[b] (>= 1) True entries of each row of flags bool[B, T].
+
+    Bisection for the largest position q with #(flags before q) < count: the count-th True
+    is at q. log2(T) compare+count passes (cheaper to compile than a cumsum)."""
+    T = flags.shape[-1]
+    pos = jax.lax.broadcasted_iota(jnp.int32, flags.shape, 1)
+
+    def step(i, q):
+        cand = q | (jnp.int32(1) << (T.bit_length() - 1 - i))
+        before = jnp.sum(flags & (pos < cand), axis=-1, keepdims=True, dtype=jnp.int32)
+        return jnp.where(before < count, cand, q)
+
+    q = jax.lax.fori_loop(0, T.bit_length(), step, jnp.zeros(count.shape, jnp.int32))
+    return flags & (pos <= q)
 
 
 def _top_counts(top_fraction: float, T: int):
