@@ -115,7 +115,7 @@ def test_top_fraction_counts_are_exact_for_long_rows():
 
 def test_jit_and_vmap():
     entropy, mask = _batch(3)
-    stacked = jax.vmap(functools.partial(entropy_groups, mode="quantile", num_groups=3))(
+    stacked = jax.jit(jax.vmap(functools.partial(entropy_groups, mode="quantile", num_groups=3)))(
         np.stack([entropy, entropy[::-1]]), np.stack([mask, mask[::-1]]))
     np.testing.assert_array_equal(stacked[0], ref.group_ids(entropy, mask, "quantile", num_groups=3))
     np.testing.assert_array_equal(stacked[1], ref.group_ids(entropy[::-1], mask[::-1], "quantile", num_groups=3))
