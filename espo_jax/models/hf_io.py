@@ -177,45 +177,52 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, max_shard_size="
   limit = _parse_size(max_shard_size)
   store = canonical_dtype(dtype) if dtype is not None else None
 
-  tensors = {}
+  # Plan shards from shapes alone, then gather one shard at a time to bound host memory.
+  entries = {}
   for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name, transpose = hf_name(key)
-    arr = np.asarray(jax.device_get(var.get_value()))
-    if transpose:
-      arr = arr.T
-    if store is not None:
-      arr = arr.astype(store)
-    tensors[name] = np.ascontiguousarray(arr)
+    value = var.get_value()
+    dt = np.dtype(store or value.dtype)
+    entries[name] = (value, transpose, dt, int(np.prod(value.shape)) * dt.itemsize)
 
-  shards, cur, cur_size = [], {}, 0
-  for name in sorted(tensors):
-    n = tensors[name].nbytes
+  shards, cur, cur_size = [], [], 0
+  for name in sorted(entries):
+    n = entries[name][3]
     if cur and cur_size + n > limit:
       shards.append(cur)
-      cur, cur_size = {}, 0
-    cur[name] = tensors[name]
+      cur, cur_size = [], 0
+    cur.append(name)
     cur_size += n
   shards.append(cur)
 
-  for stale in (SINGLE_FILE, INDEX_FILE):
-    if os.path.exists(os.path.join(path, stale)):
+  def gather(names):
+    out = {}
+    for name in names:
+      value, transpose, dt, _ = entries[name]
+      arr = np.asarray(jax.device_get(value))
+      out[name] = np.ascontiguousarray((arr.T if transpose else arr).astype(dt, copy=False))
+    return out
+
+  for stale in os.listdir(path):  # weights of an earlier save would shadow or mix in
+    if stale in (SINGLE_FILE, INDEX_FILE) or re.fullmatch(r"model-\d+-of-\d+\.safetensors",
+                                                           stale):
       os.remove(os.path.join(path, stale))
   meta = {"format": "pt"}
   if len(shards) == 1:
-    save_file(shards[0], os.path.join(path, SINGLE_FILE), metadata=meta)
+    save_file(gather(shards[0]), os.path.join(path, SINGLE_FILE), metadata=meta)
   else:
     weight_map = {}
-    for i, shard in enumerate(shards):
+    for i, names in enumerate(shards):
       fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, os.path.join(path, fn), metadata=meta)
-      weight_map.update({n: fn for n in shard})
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+      save_file(gather(names), os.path.join(path, fn), metadata=meta)
+      weight_map.update({n: fn for n in names})
+    index = {"metadata": {"total_size": sum(e[3] for e in entries.values())},
              "weight_map": weight_map}
     with open(os.path.join(path, INDEX_FILE), "w") as f:
       json.dump(index, f, indent=2)
 
   hf = model.config.to_hf()
-  stored = store or tensors["model.embed_tokens.weight"].dtype
+  stored = entries["model.embed_tokens.weight"][2]
   hf["dtype"] = dtype_name(stored)
   hf.pop("torch_dtype", None)
   with open(os.path.join(path, "config.json"), "w") as f:
