@@ -105,7 +105,9 @@ class ModelConfig:
         rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
         max_position_embeddings=self.max_position_embeddings, hidden_act="silu",
         rope_parameters=rope, rope_theta=self.rope_theta)
-    d.pop("rope_scaling", None)
+    # Older transformers / vLLM read `rope_theta` + `rope_scaling`; write both spellings.
+    d["rope_scaling"] = None if self.rope_type == "default" else {
+        "rope_type": self.rope_type, **self.rope}
     if self.family in ("qwen3", "llama"):
       d["attention_bias"] = self.qkv_bias
     if self.family == "llama":
