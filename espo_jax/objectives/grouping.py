@@ -66,6 +66,13 @@ def _row_order_keys(entropy, valid):
     return jnp.where(valid, key, jnp.uint32(0))
 
 
+def _unroll() -> bool:
+    """Unroll the bisection loops on accelerators (a device while-loop reads its predicate
+    back every iteration); keep them rolled on CPU, where that is as fast and compiles ~2x
+    faster."""
+    return jax.default_backend() != "cpu"
+
+
 def _threshold(key, n):
     """uint32[B]: the n_b-th largest key of each row (any value when n_b == 0); key
     uint32[B, T], n int32[B].
@@ -78,8 +85,7 @@ def _threshold(key, n):
         count = jnp.sum(key >= cand[:, None], axis=-1, dtype=jnp.int32)
         return jnp.where(count >= n, cand, v)
 
-    # A rolled loop: as fast as unrolling here and compiles much faster.
-    return jax.lax.fori_loop(0, 32, step, jnp.zeros(n.shape, jnp.uint32))
+    return jax.lax.fori_loop(0, 32, step, jnp.zeros(n.shape, jnp.uint32), unroll=_unroll())
 
 
 def _in_top(key, n):
@@ -110,7 +116,7 @@ def _first_true(flags, count):
         before = jnp.sum(flags & (pos < cand), axis=-1, keepdims=True, dtype=jnp.int32)
         return jnp.where(before < count, cand, q)
 
-    q = jax.lax.fori_loop(0, T.bit_length(), step, jnp.zeros(count.shape, jnp.int32))
+    q = jax.lax.fori_loop(0, T.bit_length(), step, jnp.zeros(count.shape, jnp.int32), unroll=_unroll())
     return flags & (pos <= q)
 
 

@@ -2,7 +2,15 @@
 
     .venv/bin/python experiments/benchmarks/objectives.py            # B=64, T=4096
     .venv/bin/python experiments/benchmarks/objectives.py --quick    # B=16, T=1024
-Prints a markdown table with each time's ratio to GSPO's.
+Prints a markdown table with each time's ratio to GSPO's (median and min: on a shared
+machine the min is the steadier figure).
+
+What ESPO adds over GSPO is the per-row top-n selection (grouping.py): an exact radix
+select by 32 compare+count passes over [B, T] (plus a position bisection only when a run
+of equal entropies straddles the boundary), then K small per-group reductions. No sort is
+run for top_fraction/quantile; a stable (key, position) sort of 64 x 4096 costs ~100x more
+on CPU. Each pass costs about what one reduction in GSPO costs, so on CPU the selection
+alone is ~1.5-2x a whole GSPO step.
 """
 from __future__ import annotations
 
