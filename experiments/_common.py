@@ -15,7 +15,8 @@ Layout::
         done.json             written after a successful run (wall time, return code)
     OUT/report.md, OUT/*.png  the aggregate report (small files; commit these)
 
-``<slug>`` is derived from the config file, objective, overrides and step count, so two
+``<slug>`` is derived from the config file (name + content hash), objective, overrides and
+step count, so two
 sweeps that ask for the same configuration (e.g. the comparison's ESPO and the ablation's
 reference ESPO) share one set of runs.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -79,9 +81,20 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", s).strip("_")
 
 
+def config_hash(config: pathlib.Path) -> str:
+    """Short hash of the config file and its sibling helper files (configs/_*.py): runs of
+    an edited config get new workdirs instead of being mistaken for finished ones."""
+    h = hashlib.sha1()
+    for f in [config, *sorted(config.parent.glob("_*.py"))]:
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:6]
+
+
 def variant_slug(config: pathlib.Path, variant: Variant, *, smoke: bool, steps: int | None,
                  extra: Sequence[tuple[str, Any]] = ()) -> str:
-    parts = [config.stem + ("-smoke" if smoke else ""), variant.objective]
+    parts = [config.stem + ("-smoke" if smoke else "") + "-" + config_hash(config),
+             variant.objective]
     for k, v in sorted(variant.overrides) + sorted(extra):
         parts.append(f"{k.split('.')[-1]}={_fmt(v)}")
     if steps is not None:
@@ -461,6 +474,31 @@ def plot_entropy_clip(res: VariantResult, path: pathlib.Path, *, title=""):
     ax.legend(h[0] + h2[0], h[1] + h2[1], fontsize=8, loc="upper center")
     ax.grid(alpha=0.3)
     ax.set_title(title or f"{res.variant.name}: entropy and clip fraction over training")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_groups(res: VariantResult, path: pathlib.Path, *, title="") -> pathlib.Path | None:
+    """ESPO's per-group metrics (group<k>/clip_frac, group<k>/eps_mean) over training."""
+    keys = sorted({k.split("/")[0] for rec in res.records for r in rec for k in r
+                   if k.startswith("group") and "/" in k})
+    if not keys:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    for g, c in zip(keys, _colors(len(keys))):
+        _band(axes[0], res, f"{g}/clip_frac", c, min_step=1, label=g)
+        _band(axes[1], res, f"{g}/eps_mean", c, min_step=1, label=g)
+    axes[0].set(xlabel="step", ylabel="clip fraction", title="clip fraction by entropy group")
+    axes[1].set(xlabel="step", ylabel="mean ε", title="adaptive clip range ε by group",
+                yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or f"{res.variant.name}: per-group metrics (group 0 = highest entropy)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

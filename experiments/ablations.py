@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     else:
         plots = [pl for pl in plots if pl[0] != "espo_entropy_clip.png"]
     C.plot_length(done, out / "response_length.png")
+    if ref is not None and C.plot_groups(ref, out / "espo_groups.png"):
+        plots.append(("espo_groups.png", "ESPO: clip fraction and ε per entropy group"))
     notes = pathlib.Path(args.notes).read_text() if args.notes else None
     report = C.write_report(
         out, title="ESPO ablations on the embedded task",

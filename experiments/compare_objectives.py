@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (experiments/_common.py)
 
 OBJECTIVES = ("espo", "grpo", "dapo", "gspo", "gmpo", "cispo")
-TOKEN_LEVEL = ("grpo", "dapo", "cispo")   # token-ratio PPO-style clipping
+TOKEN_LEVEL = ("grpo", "dapo", "cispo", "gmpo")   # clip per token (GMPO: in log space)
 SMOKE_OBJECTIVES = ("espo", "gspo")
 DEFAULT_OUT = C.REPO / "experiments" / "results" / "compare"
 
@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     else:
         plots = [pl for pl in plots if pl[0] != "espo_entropy_clip.png"]
     C.plot_length(done, out / "response_length.png")
+    if espo is not None and C.plot_groups(espo, out / "espo_groups.png"):
+        plots.append(("espo_groups.png", "ESPO: clip fraction and ε per entropy group"))
     notes = pathlib.Path(args.notes).read_text() if args.notes else None
     report = C.write_report(
         out, title="ESPO vs GRPO / DAPO / GSPO / GMPO / CISPO on the embedded task",
