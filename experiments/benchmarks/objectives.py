@@ -55,17 +55,24 @@ def make_batch(B, T, key):
     return logp, old, adv, mask, entropy
 
 
-def time_one(name, hp, batch, runs):
+def compile_step(name, hp, batch):
     fn = functools.partial(policy_loss, name, **hp)
     step = jax.jit(jax.value_and_grad(lambda lp, *rest: fn(lp, *rest), has_aux=True))
     jax.block_until_ready(step(*batch))  # compile + warm-up
     jax.block_until_ready(step(*batch))
-    times = []
+    return step
+
+
+def time_all(steps, batch, runs):
+    """Round-robin over the objectives, so that load on a shared machine hits all alike.
+    Returns {label: (median s, min s)}."""
+    times = {label: [] for label in steps}
     for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(step(*batch))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+        for label, step in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step(*batch))
+            times[label].append(time.perf_counter() - start)
+    return {label: (statistics.median(t), min(t)) for label, t in times.items()}
 
 
 def main():
@@ -82,7 +89,8 @@ def main():
     device = jax.devices()[0]
     print(f"value_and_grad wrt logp, B={B}, T={T}, median of {runs} runs, "
           f"device: {device.platform} ({device.device_kind}), jax {jax.__version__}\n")
-    results = [(label, *time_one(name, hp, batch, runs)) for label, name, hp in variants()]
+    steps = {label: compile_step(name, hp, batch) for label, name, hp in variants()}
+    results = [(label, *t) for label, t in time_all(steps, batch, runs).items()]
     base_med, base_min = results[0][1:]
     print("| objective | median ms | x GSPO | min ms | x GSPO (min) |\n|---|---:|---:|---:|---:|")
     for label, med, best in results:
