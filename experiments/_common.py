@@ -410,10 +410,29 @@ def _colors(n: int):
     return [cmap(i % 10) for i in range(n)]
 
 
+def smooth(ys: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average along the last axis (window 1 = unchanged)."""
+    if window <= 1 or ys.shape[-1] < window:
+        return ys
+    c = np.cumsum(np.pad(ys, [(0, 0)] * (ys.ndim - 1) + [(1, 0)]), axis=-1)
+    out = np.empty_like(ys)
+    n = ys.shape[-1]
+    for i in range(n):
+        lo = max(0, i + 1 - window)
+        out[..., i] = (c[..., i + 1] - c[..., lo]) / (i + 1 - lo)
+    return out
+
+
 def _band(ax, res: VariantResult, key: str, color, *, min_step: int = 0, label=None):
+    """Seed mean with a min..max band; per-update series (min_step=1) of more than 40 steps
+    are smoothed with a trailing moving average of len/20 steps (said in the label)."""
     x, ys = res.stack(key, min_step=min_step)
     if not len(x):
         return
+    w = max(1, len(x) // 20) if min_step >= 1 and len(x) > 40 else 1
+    ys = smooth(ys, w)
+    if w > 1:
+        label = f"{label or res.variant.name} (avg {w})"
     m = ys.mean(0)
     ax.plot(x, m, color=color, lw=1.6, label=label or res.variant.name,
             marker="o" if len(x) <= 12 else None, ms=3)
