@@ -232,15 +232,28 @@ def test_remat_gives_same_values_and_grads(small_model):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_jax_attention_impl_matches_einsum_attention(small_model):
+@pytest.mark.parametrize("impl", ["jax", "chunked"])
+def test_other_attention_impls_match_einsum_attention(small_model, impl):
+  """Values and parameter gradients; chunk 7 does not divide T = 20."""
   ids = jnp.arange(40, dtype=jnp.int32).reshape(2, 20) % V
   mask = jnp.ones((2, 20), jnp.int32).at[0, :6].set(0)
   graphdef, state = nnx.split(small_model)
-  other = Decoder(small_model.config.replace(attention_impl="jax"), rngs=nnx.Rngs(0))
-  out = _forward(nnx.merge(nnx.graphdef(other), state), ids, mask)
-  ref = _forward(small_model, ids, mask)
+  other = nnx.graphdef(Decoder(small_model.config.replace(
+      attention_impl=impl, attention_chunk=7), rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def value_and_grad(st):
+    def f(st, gd):
+      logits = nnx.merge(gd, st)(ids, attention_mask=mask)
+      return jnp.sum(jnp.where(mask[..., None] > 0, logits, 0.0) ** 2) * 1e-3, logits
+    return (jax.value_and_grad(f, has_aux=True)(st, graphdef),
+            jax.value_and_grad(f, has_aux=True)(st, other))
+
+  ((_, ref), g_ref), ((_, out), g_out) = value_and_grad(state)
   v = np.asarray(mask).astype(bool)
   assert rel_err(np.asarray(out), np.asarray(ref), v) < 1e-5
+  for a, b in zip(jax.tree.leaves(g_out), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
 
 
 def test_export_copies_tokenizer_files(hf_dirs, tmp_path):

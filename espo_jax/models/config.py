@@ -49,9 +49,12 @@ class ModelConfig:
   max_position_embeddings: int = 32768
   # Rematerialise each decoder layer in the non-cached (training) forward pass.
   remat: bool = False
-  # "xla": grouped einsum attention (no kv-head repeat); "jax": jax.nn.dot_product_attention
-  # (lets JAX pick a fused kernel, e.g. cuDNN flash attention on GPU in bf16).
+  # "xla": grouped einsum attention (no kv-head repeat); "chunked": the same over blocks of
+  # `attention_chunk` queries, rematerialised (long training sequences; the cached decode
+  # path uses "xla"); "jax": jax.nn.dot_product_attention (lets JAX pick a fused kernel,
+  # e.g. cuDNN flash attention on GPU in bf16).
   attention_impl: str = "xla"
+  attention_chunk: int = 512
   # The HF dict this came from (export writes it back); excluded from eq/hash.
   hf_config: Mapping[str, Any] | None = dataclasses.field(
       default=None, compare=False, hash=False, repr=False)
@@ -63,8 +66,11 @@ class ModelConfig:
           f"num_key_value_heads ({self.num_kv_heads})")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-    if self.attention_impl not in ("xla", "jax"):
-      raise ValueError(f"attention_impl must be 'xla' or 'jax', got {self.attention_impl!r}")
+    if self.attention_impl not in ("xla", "chunked", "jax"):
+      raise ValueError("attention_impl must be one of 'xla', 'chunked', 'jax'; "
+                       f"got {self.attention_impl!r}")
+    if self.attention_chunk < 1:
+      raise ValueError(f"attention_chunk must be >= 1, got {self.attention_chunk}")
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"unsupported rope type {self.rope_type!r}; supported: {ROPE_TYPES}")
 

@@ -98,6 +98,22 @@ def gqa_attention(q, k, v, mask):
   return o.reshape(b, t, h, hd)
 
 
+def chunked_gqa_attention(q, k, v, mask, chunk: int):
+  """`gqa_attention` over blocks of `chunk` queries, each rematerialised in the backward.
+
+  Peak score memory is [B,H,chunk,S] instead of [B,H,T,S] (for long training sequences).
+  """
+  b, t, h, hd = q.shape
+  c = min(chunk, t)
+  nb = -(-t // c)
+  pad = nb * c - t
+  qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nb, c, h, hd)
+  mb = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, nb, c, mask.shape[-1])
+  block = jax.checkpoint(lambda qc, mc: gqa_attention(qc, k, v, mc))
+  o = jax.lax.map(lambda xs: block(*xs), (qb.swapaxes(0, 1), mb.swapaxes(0, 1)))
+  return o.swapaxes(0, 1).reshape(b, nb * c, h, hd)[:, :t]
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
@@ -111,6 +127,7 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(hd, **nkw) if cfg.qk_norm else None
     self.k_norm = RMSNorm(hd, **nkw) if cfg.qk_norm else None
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+    self.attention_chunk = cfg.attention_chunk
 
   def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None,
                impl="xla"):
@@ -131,6 +148,8 @@ class Attention(nnx.Module):
       k, v = ck.astype(q.dtype), cv.astype(q.dtype)
     if impl == "jax":
       o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None]).astype(q.dtype)
+    elif impl == "chunked" and cache is None:
+      o = chunked_gqa_attention(q, k, v, mask, self.attention_chunk)
     else:
       o = gqa_attention(q, k, v, mask)
     return self.o_proj(o.reshape(b, t, -1)), cache
