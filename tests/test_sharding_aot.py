@@ -38,7 +38,8 @@ def _compile(g, layers: int):
                     "--data=1", "--fsdp=4", "--tensor=2", "--remat=1", "--force"])
     b = g.build(args)
     t0 = time.perf_counter()
-    compiled = b["jstep"].lower(*g.abstract_inputs(b, B, P_LEN, N_LEN)).compile()
+    with jax.set_mesh(b["mesh"]):
+        compiled = b["jstep"].lower(*g.abstract_inputs(b, B, P_LEN, N_LEN)).compile()
     mem = compiled.memory_analysis()
     n_params = g.count_params(b["abs_params"])
     return dict(args=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,

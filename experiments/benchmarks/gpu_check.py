@@ -214,7 +214,8 @@ def main(argv=None) -> dict:
     t_init = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    compiled = b["jstep"].lower(state, data).compile()
+    with jax.set_mesh(mesh):  # lets model-side constrain_batch pin activations (see mesh.py)
+        compiled = b["jstep"].lower(state, data).compile()
     t_compile = time.perf_counter() - t0
     mem = compiled.memory_analysis()
 
