@@ -1,9 +1,10 @@
 """Ahead-of-time compile of an ESPO train step for a Qwen3-1.7B-shaped model on a simulated
 8-device mesh (fsdp=4, tensor=2): abstract shapes only, no weights; prints per-device memory.
 
-The step: forward (prompt + response) -> chunked token log-probs -> policy_loss("espo") ->
-grads -> AdamW, jitted with the project's shardings (experiments/benchmarks/gpu_check.py
-builds it). Compiling all 28 (unrolled) layers takes ~90 s on 2 CPU cores, so the test
+The step is the product's ``espo_jax.train.step.make_train_step`` (forward over prompt +
+response -> chunked token log-probs -> policy_loss("espo") -> grads -> clip -> AdamW),
+jitted with ``state_shardings`` from ``espo_jax.train.mesh`` and the state donated
+(``experiments/benchmarks/gpu_check.py:build`` assembles it). Compiling all 28 (unrolled) layers takes ~90 s on 2 CPU cores, so the test
 compiles 1 and 2 layers and extrapolates linearly per layer to 28; set ESPO_AOT_FULL=1
 to compile all 28 layers instead. Arguments extrapolate exactly; temporaries only
 approximately (XLA schedules weight all-gathers differently with more layers): on jax 0.10.2
