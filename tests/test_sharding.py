@@ -403,3 +403,12 @@ def test_sharded_rollout_samples_the_same_tokens(sharded_model, mesh_fsdp_tp):
     assert got.tokens.sharding.spec == P(("data", "fsdp"))
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+
+
+def test_shard_module_moves_an_existing_model(mesh_fsdp_tp):
+    from espo_jax.train.mesh import describe_shardings, shard_module
+    model = shard_module(Decoder(TINY, rngs=nnx.Rngs(2)), mesh_fsdp_tp)
+    for path, arr in _flat(nnx.state(model, nnx.Param)).items():
+        assert _norm(arr.sharding.spec) == _norm(_expected(path)), path
+    text = describe_shardings(param_shardings(nnx.state(model), mesh_fsdp_tp))
+    assert "embed_tokens: P('tensor', 'fsdp')" in text
