@@ -665,7 +665,18 @@ def resolved_settings(runs: Sequence[Run]) -> list[str]:
         if is_finished(r) and p.is_file():
             c = json.loads(p.read_text())
             ro, tr, ev = c.get("rollout", {}), c.get("train", {}), c.get("eval", {})
-            return [f"- resolved (from `{r.workdir.name}` of `{r.variant.name}`): "
+            model = pathlib.Path(c.get("model", {}).get("path", ""))
+            weights = sorted(model.glob("*.safetensors")) if model.is_dir() else []
+            digest = hashlib.sha1(b"".join(w.read_bytes() for w in weights)).hexdigest()[:10]
+            try:
+                head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                      capture_output=True, text=True).stdout.strip()
+            except OSError:
+                head = ""
+            shown = model.relative_to(REPO) if model.is_relative_to(REPO) else model
+            return [f"- code: git `{head or '?'}`; policy `{shown}` (safetensors sha1 "
+                    f"`{digest}`)",
+                    f"- resolved (from `{r.workdir.name}` of `{r.variant.name}`): "
                     f"task `{c.get('task', {}).get('name')}`, {c.get('num_steps')} steps, "
                     f"{ro.get('prompts_per_step')} prompts x G={ro.get('group_size')}, "
                     f"max {ro.get('max_new_tokens')} new tokens, T={ro.get('temperature')}, "
