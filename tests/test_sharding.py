@@ -389,6 +389,10 @@ def test_constrain_batch_is_a_noop_without_a_mesh_and_pins_the_batch_with_one():
         assert y.sharding.spec == P(("data", "fsdp"))
         z = jax.jit(lambda a: constrain_batch(a * 2))(np.ones((6, 4), np.float32))  # 6 % 4 != 0
         assert z.shape == (6, 4)
+    from espo_jax.train.mesh import under_mesh
+    f = under_mesh(jax.jit(lambda a: constrain_batch(a * 3)), mesh)
+    assert f(x).sharding.spec == P(("data", "fsdp"))
+    assert "sharding_constraint" in f.lower(x).as_text()
 
 
 def test_sharded_rollout_samples_the_same_tokens(sharded_model, mesh_fsdp_tp):

@@ -28,6 +28,7 @@ Shapes: B sequences, T tokens, D model width, V vocabulary.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -360,6 +361,30 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     if not axes or np.ndim(x) == 0 or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x
     return jax.lax.with_sharding_constraint(x, P(axes if len(axes) > 1 else axes[0]))
+
+
+def under_mesh(fn, mesh: Mesh | None):
+    """Wraps a jitted ``fn`` so it is traced and called inside ``jax.set_mesh(mesh)`` (what
+    ``constrain_batch`` needs); ``.lower`` is kept for AOT. ``mesh=None`` returns ``fn``.
+
+    Scope the mesh to the jitted calls only: ``nnx.eval_shape`` (model loading) under a
+    global mesh reads the logical axis names as mesh axes and fails.
+        train_step = under_mesh(make_train_step(...), mesh)
+    """
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    if hasattr(fn, "lower"):
+        def lower(*args, **kwargs):
+            with jax.set_mesh(mesh):
+                return fn.lower(*args, **kwargs)
+        call.lower = lower
+    return call
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
