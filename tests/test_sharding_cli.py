@@ -34,7 +34,7 @@ def _run(workdir: pathlib.Path, mesh: tuple[int, int, int]) -> dict:
            f"--workdir={workdir}", "--config.num_steps=1", "--config.log.tensorboard=False",
            # room for the scratchpad: some answers are right, so advantages, loss and
            # clipping are non-zero (with :smoke's 16 tokens every reward is 0)
-           "--config.rollout.max_new_tokens=48",
+           "--config.rollout.max_new_tokens=40",
            f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}", f"--config.mesh.tensor={t}"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
