@@ -486,6 +486,9 @@ def run(config, workdir) -> dict:
         tx, config.objective.name, objective_hparams(config, vocab), chunk_size=chunk,
         temperature=temp, micro_batch_size=micro, state_shardings=shardings,
         batch_sharding=batch_sh)
+    if mesh is not None and hasattr(mesh_lib, "under_mesh"):  # trace under the mesh
+        score_fn, train_step = (mesh_lib.under_mesh(score_fn, mesh),
+                                mesh_lib.under_mesh(train_step, mesh))
     ctx = _Ctx(config=config, workdir=workdir, task=task, tok=tok,
                order=PromptOrder(len(task.train), int(config.seed)), score_fn=score_fn,
                train_step=train_step, batch_sharding=batch_sh, prompt_cache={}, mesh=mesh)

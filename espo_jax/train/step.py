@@ -22,6 +22,12 @@ from espo_jax.ops import token_logprobs_and_entropy
 from espo_jax.objectives import batch_counts, policy_loss
 from espo_jax.train.state import TrainState
 
+try:  # pins activations' batch dim to ("data","fsdp") under an active mesh (FSDP as intended)
+    from espo_jax.train.mesh import constrain_batch
+except ImportError:  # pragma: no cover - mesh module absent: no constraint
+    def constrain_batch(x):
+        return x
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -37,7 +43,8 @@ def response_logprobs(model, prompt_tokens, prompt_mask, tokens, *, chunk_size: 
     ids = jnp.concatenate([prompt_tokens, tokens[:, :-1]], axis=1)
     am = jnp.concatenate([prompt_mask.astype(jnp.int32),
                           jnp.ones_like(tokens[:, :-1], jnp.int32)], axis=1)
-    hidden = model.hidden_states(ids, attention_mask=am)[:, p - 1:]          # [B,T,D]
+    ids, am = constrain_batch(ids), constrain_batch(am)
+    hidden = constrain_batch(model.hidden_states(ids, attention_mask=am)[:, p - 1:])  # [B,T,D]
     w = model.unembedding()
     return token_logprobs_and_entropy(hidden.astype(jnp.float32), w.astype(jnp.float32),
                                       tokens.astype(jnp.int32), chunk_size=chunk_size,
