@@ -36,8 +36,10 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Sequence
@@ -127,7 +129,8 @@ def make_runs(variants: Sequence[Variant], seeds: Sequence[int], *, runs_dir: pa
             if dump_every > 0 and v.name == dump_variant and seed == seeds[0]:
                 argv.append(f"--config.dump.every={dump_every}")
             runs.append(Run(v, seed, wd_root / f"seed{seed}", tuple(argv)))
-    return runs
+    # Seed-major order: a sweep cut short still has every variant at the first seeds.
+    return sorted(runs, key=lambda r: seeds.index(r.seed))
 
 
 # ------------------------------------------------------------------------ running --
@@ -146,6 +149,16 @@ def is_finished(run: Run) -> bool:
     except json.JSONDecodeError:
         return False
     return rec.get("argv") == _identity(run.argv) and rec.get("returncode") == 0
+
+
+def metrics_complete(wd: pathlib.Path) -> bool:
+    """The workdir's metrics.jsonl reaches its config's num_steps with a final evaluation."""
+    try:
+        steps = int(json.loads((wd / "config.json").read_text())["num_steps"])
+    except (OSError, KeyError, ValueError):
+        return False
+    recs = read_metrics(wd / "metrics.jsonl")
+    return bool(recs) and recs[-1].get("step") == steps and "eval_accuracy" in recs[-1]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -203,17 +216,27 @@ def run_one(run: Run, *, keep_checkpoints: bool = False, timeout_s: float | None
         with (wd / "run.log").open("a") as log:
             log.write(f"\n$ {' '.join(run.argv)}\n")
             log.flush()
+            if _STOP.is_set():
+                return {"run": str(wd), "status": "skipped (sweep stopping)"}
+            proc = subprocess.Popen(run.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})})
+            _CHILDREN.add(proc)
             try:
-                proc = subprocess.run(run.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                      env={**os.environ, **(env or {})}, timeout=timeout_s)
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = -9
+                rc = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:  # SIGTERM: the runner checkpoints and exits
+                proc.terminate()
+                proc.wait()
+                rc = -15
+            finally:
+                _CHILDREN.discard(proc)
         wall = time.time() - t0
         if rc != 0:
             tail = (wd / "run.log").read_text().splitlines()[-5:]
             return {"run": str(wd), "status": "failed", "returncode": rc, "wall_s": wall,
                     "log_tail": tail}
+        if not metrics_complete(wd):  # e.g. stopped by SIGTERM (exit 0 after a checkpoint)
+            return {"run": str(wd), "status": "interrupted (resumes on the next invocation)",
+                    "wall_s": wall}
         if not keep_checkpoints:  # metrics are all a sweep needs; policies are ~3x model size
             for sub in ("checkpoints", "final_policy"):
                 shutil.rmtree(wd / sub, ignore_errors=True)
@@ -252,9 +275,38 @@ def run_all(runs: Sequence[Run], *, jobs: int = 1, keep_checkpoints: bool = Fals
             + (f" (see {r.workdir / 'run.log'})" if st["status"] == "failed" else ""))
         return st
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(one, runs))
+    _STOP.clear()
+    previous = _forward_signals()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            results = list(pool.map(one, runs))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if _STOP.is_set():
+        log("stopped: interrupted runs checkpointed; rerun the same command to resume")
     return results
+
+
+_CHILDREN: set = set()
+_STOP = threading.Event()
+
+
+def _forward_signals() -> dict:
+    """SIGTERM / SIGINT to the sweep: start no new run, pass SIGTERM to the running ones
+    (the runner then checkpoints and exits) and let the pool wind down, so locks and
+    workdirs stay consistent and the next invocation resumes them."""
+    def handler(signum, frame):  # noqa: ARG001
+        _STOP.set()
+        for proc in list(_CHILDREN):
+            if proc.poll() is None:
+                proc.terminate()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    return previous
 
 
 # -------------------------------------------------------------------- aggregation --

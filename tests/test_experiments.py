@@ -36,6 +36,7 @@ def _fake_run(run: C.Run, *, acc0: float, acc1: float, clip: float, steps: int =
             r["eval_accuracy"] = acc0 + (acc1 - acc0) * s / steps
         recs.append(r)
     (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (wd / "config.json").write_text(json.dumps({"num_steps": steps}))
     (wd / "done.json").write_text(json.dumps({"argv": list(run.argv[1:]), "returncode": 0,
                                               "wall_s": 60.0}))
 
@@ -49,8 +50,12 @@ def test_run_specs_and_shared_slugs(tmp_path):
     assert a[1:3] == ("-m", "espo_jax.main") and a[3].endswith("default.py:espo")
     assert "--config.seed=0" in a and "--config.num_steps=7" in a
     assert "--config.eval.num_examples=32" in a and "--config.dump.every=3" in a
-    assert not any("dump.every" in x for x in runs[1].argv)       # seed 1: no dumps
-    assert runs[0].workdir.parent != runs[2].workdir.parent       # espo vs gspo
+    # Seed-major order (a sweep cut short has every variant at the first seeds).
+    assert [(r.variant.name, r.seed) for r in runs] == [("espo", 0), ("gspo", 0), ("espo", 1),
+                                                        ("gspo", 1)]
+    assert not any("dump.every" in x for r in runs[1:] for x in r.argv)  # espo seed 0 only
+    assert runs[0].workdir.parent != runs[1].workdir.parent       # espo vs gspo
+    assert runs[0].workdir.parent == runs[2].workdir.parent       # seeds share the slug
     # The ablation reference is the comparison's ESPO run: same workdir.
     ref = C.make_runs(ablations.variants(["alpha"])[:1], [0], runs_dir=tmp_path, steps=7,
                       extra=[("eval.num_examples", "32")])[0]
@@ -75,6 +80,10 @@ def test_resume_skips_finished_and_locks(tmp_path):
     _fake_run(run, acc0=0.2, acc1=0.4, clip=0.01)
     assert C.is_finished(run)
     assert C.run_one(run)["status"] == "cached"
+    assert C.metrics_complete(run.workdir)
+    lines = (run.workdir / "metrics.jsonl").read_text().splitlines()
+    (run.workdir / "metrics.jsonl").write_text("\n".join(lines[:-2]) + "\n")
+    assert not C.metrics_complete(run.workdir)      # e.g. a run stopped by SIGTERM
     # Same workdir, different command (e.g. other steps): not finished, and refused clearly.
     other = C.Run(run.variant, 0, run.workdir, run.argv + ("--config.num_steps=3",))
     assert not C.is_finished(other)
