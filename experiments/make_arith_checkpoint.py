@@ -1,14 +1,22 @@
 """Build the embedded task's warm-start policy: espo_jax/assets/arith.
 
 Writes the character-level tokenizer and a tiny Qwen3-architecture model, supervised on
-train-split problems only (cross-entropy on response tokens), stopped EARLY: once greedy
-accuracy on a dev set (held-out train-split problems) reaches --target_acc. The policy
-then knows the scratchpad format but still makes arithmetic slips, so sampled responses
-are right a fair fraction of the time and RL has room to raise eval accuracy.
+train-split problems only (cross-entropy on response tokens), in two phases: --scratch_steps
+steps on scratchpad targets (``37+48=85;85-19=66;#66``), then a MIX in which a fraction
+--direct_frac of the targets answers at once (``#66``, arith.direct_response) and the rest
+works the scratchpad. The policy so learns both styles, and its first response token is a
+genuine, high-entropy decision: the shortcut is almost always wrong (so small a model
+cannot add 2-4 numbers in one go), the scratchpad is mostly right. With the defaults greedy
+decoding takes the shortcut on about half of the eval prompts (greedy accuracy ~0.3) and
+temperature-1 samples about as often; RL raises greedy accuracy by learning to work the
+problems out (response length grows with it), then by sharpening the scratchpad.
+Optionally stop early once dev greedy accuracy reaches --target_acc (dev = held-out
+train-split problems, never the eval split). --phase1_cache speeds up experiments with
+phase 2 (the committed assets were built without it).
 
-Run (about 1-3 minutes on 2 CPU cores; deterministic for a given --seed):
+Run (a few minutes on 2 CPU cores; deterministic for a given --seed):
     .venv/bin/python experiments/make_arith_checkpoint.py            # -> espo_jax/assets/arith
-    .venv/bin/python experiments/make_arith_checkpoint.py --out /tmp/arith --target_acc 0.5
+    .venv/bin/python experiments/make_arith_checkpoint.py --out /tmp/arith --direct_frac 0.5
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import argparse
 import functools
 import json
 import pathlib
+import pickle
 import shutil
 import time
 
@@ -42,14 +51,20 @@ def parse_args():
   p.add_argument("--n_eval", type=int, default=500)
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--lr", type=float, default=5e-3)
-  p.add_argument("--max_steps", type=int, default=3000)
-  p.add_argument("--eval_every", type=int, default=25)
-  p.add_argument("--target_acc", type=float, default=0.35)
+  p.add_argument("--max_steps", type=int, default=1150)
+  p.add_argument("--scratch_steps", type=int, default=1000,
+                 help="phase 1: steps on scratchpad targets only")
+  p.add_argument("--eval_every", type=int, default=100)
+  p.add_argument("--target_acc", type=float, default=1.01, help="stop early at this dev acc")
+  p.add_argument("--direct_frac", type=float, default=0.6,
+                 help="phase 2: fraction of SFT targets that skip the scratchpad")
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--hidden", type=int, default=128)
   p.add_argument("--intermediate", type=int, default=384)
   p.add_argument("--samples", type=int, default=8, help="G for the sampled pass@1")
   p.add_argument("--no_save", action="store_true")
+  p.add_argument("--phase1_cache", default="",
+                 help="pickle of the state after phase 1: reused if present, else written")
   return p.parse_args()
 
 
@@ -67,14 +82,15 @@ def hf_config(vocab_size: int, tok, a) -> dict:
   }
 
 
-def encode_sft(tok, examples, length: int):
+def encode_sft(tok, examples, length: int, direct):
   """ids i32[N,length] (prompt + response + eos, right padded), loss mask f32[N,length-1]
-  marking targets that are response tokens (incl. eos)."""
+  marking targets that are response tokens (incl. eos). direct bool[N]: shortcut target."""
   ids = np.full((len(examples), length), tok.pad_token_id, np.int32)
   mask = np.zeros((len(examples), length - 1), np.float32)
   for i, ex in enumerate(examples):
     p = tok.encode(ex.prompt, add_special_tokens=False)
-    r = tok.encode(arith.reference_response(ex.prompt), add_special_tokens=False) + [tok.eos_token_id]
+    target = (arith.direct_response if direct[i] else arith.reference_response)(ex.prompt)
+    r = tok.encode(target, add_special_tokens=False) + [tok.eos_token_id]
     seq = p + r
     assert len(seq) <= length, (ex.prompt, len(seq))
     ids[i, : len(seq)] = seq
@@ -129,11 +145,12 @@ def make_decode(graphdef, eos_id: int, pad_id: int):
 
 
 def accuracy(decode, params, tok, examples, *, temperature=0.0, samples=1, key=None, batch=512):
-  """Mean verified reward over examples x samples; also the mean response length."""
+  """Verified-reward stats over examples x samples: {acc, len, direct_frac, direct_acc,
+  scratch_acc} (direct = the response starts with '#', i.e. skips the scratchpad)."""
   prompts = [ex.prompt for ex in examples for _ in range(samples)]
   answers = [ex.answer for ex in examples for _ in range(samples)]
   key = jax.random.key(0) if key is None else key
-  rewards, lengths = [], []
+  rewards, lengths, direct = [], [], []
   for s in range(0, len(prompts), batch):
     ids, pmask = encode_prompts(tok, prompts[s : s + batch])
     key, k = jax.random.split(key)
@@ -141,9 +158,14 @@ def accuracy(decode, params, tok, examples, *, temperature=0.0, samples=1, key=N
     for row, ans in zip(out, answers[s : s + batch]):
       row = row.tolist()
       n = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
+      text = tok.decode(row[:n], skip_special_tokens=True)
       lengths.append(n + 1)
-      rewards.append(arith.verify(tok.decode(row[:n], skip_special_tokens=True), ans)[0])
-  return float(np.mean(rewards)), float(np.mean(lengths))
+      direct.append(text.startswith("#"))
+      rewards.append(arith.verify(text, ans)[0])
+  r, d = np.array(rewards), np.array(direct)
+  nan_mean = lambda x: float(x.mean()) if x.size else float("nan")
+  return {"acc": float(r.mean()), "len": float(np.mean(lengths)), "direct_frac": float(d.mean()),
+          "direct_acc": nan_mean(r[d]), "scratch_acc": nan_mean(r[~d])}
 
 
 def main():
@@ -153,9 +175,9 @@ def main():
 
   # -- data: train-split problems only; dev = other train-split problems ---------------------
   pool = arith.make_examples("train", a.n_train + a.n_dev, a.seed)
-  train, dev = pool[: a.n_train], pool[a.n_train :]
+  train, dev_set = pool[: a.n_train], pool[a.n_train :]
   evals = arith.make_examples("eval", a.n_eval, a.seed)
-  check_disjoint(train + dev, evals)
+  check_disjoint(train + dev_set, evals)
 
   # -- tokenizer, saved first so the model is built against what AutoTokenizer loads -------
   tmp = out.with_name(out.name + ".tmp")
@@ -172,7 +194,9 @@ def main():
   print(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {vocab_size} "
         f"(tokenizer {len(tok)}), {n_params/1e3:.0f}k params")
 
-  ids, lmask = encode_sft(tok, train, 56)
+  direct = np.random.default_rng(a.seed + 7).random(len(train)) < a.direct_frac
+  phases = (encode_sft(tok, train, 56, np.zeros(len(train), bool)),  # scratchpad only
+            encode_sft(tok, train, 56, direct))                         # mixed styles
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
       optax.warmup_cosine_decay_schedule(0.0, a.lr, 100, a.max_steps, a.lr * 0.1),
       weight_decay=0.01))
@@ -193,27 +217,40 @@ def main():
   rng = np.random.default_rng(a.seed)
   t_sft, c_sft = time.time(), time.process_time()
   step, dev_acc = 0, 0.0
+  cache = pathlib.Path(a.phase1_cache) if a.phase1_cache else None
   while step < a.max_steps:
+    if cache is not None and step == a.scratch_steps:
+      if cache.is_file():  # identical to recomputing phase 1 (same seed and flags)
+        params, opt_state, rng_state = pickle.loads(cache.read_bytes())
+        rng.bit_generator.state = rng_state
+      else:
+        cache.write_bytes(pickle.dumps(
+            (jax.device_get(params), jax.device_get(opt_state), rng.bit_generator.state)))
+    if cache is not None and cache.is_file() and step < a.scratch_steps:
+      step = a.scratch_steps
+      continue
     idx = rng.integers(0, len(train), a.batch)
+    ids, lmask = phases[int(step >= a.scratch_steps)]
     params, opt_state, loss = train_step(params, opt_state, ids[idx], lmask[idx])
     step += 1
     if step % a.eval_every == 0:
-      dev_acc, _ = accuracy(decode, params, tok, dev)
-      print(f"step {step:5d}  loss {float(loss):.4f}  dev greedy acc {dev_acc:.3f}  "
-            f"({time.time() - t_sft:.0f}s)", flush=True)
+      dev = accuracy(decode, params, tok, dev_set)
+      dev_acc = dev["acc"]
+      print(f"step {step:5d}  loss {float(loss):.4f}  dev greedy acc {dev_acc:.3f} "
+            f"(shortcut {dev['direct_frac']:.2f})  ({time.time() - t_sft:.0f}s)", flush=True)
       if dev_acc >= a.target_acc:
         break
   sft_s, sft_cpu = time.time() - t_sft, time.process_time() - c_sft
 
   # -- report: greedy eval accuracy and sampled pass@1 (G samples, temperature 1) -----------
-  greedy, glen = accuracy(decode, params, tok, evals)
-  sampled, slen = accuracy(decode, params, tok, evals, temperature=1.0, samples=a.samples,
-                           key=jax.random.key(a.seed + 1))
+  greedy = accuracy(decode, params, tok, evals)
+  sampled = accuracy(decode, params, tok, evals, temperature=1.0, samples=a.samples,
+                     key=jax.random.key(a.seed + 1))
   summary = {
-      "sft_steps": step, "sft_seconds": round(sft_s, 1),
-      "sft_cpu_seconds": round(sft_cpu, 1), "dev_greedy_acc": dev_acc,
-      "eval_greedy_acc": greedy, f"eval_sampled_pass@1_G{a.samples}_T1": sampled,
-      "eval_greedy_len": glen, "eval_sampled_len": slen, "n_params": int(n_params),
+      "sft_steps": step, "sft_seconds": round(sft_s, 1), "sft_cpu_seconds": round(sft_cpu, 1),
+      "scratch_steps": a.scratch_steps, "direct_frac_phase2": a.direct_frac, "dev_greedy_acc": dev_acc,
+      "eval_greedy": greedy, f"eval_sampled_G{a.samples}_T1": sampled,
+      "n_params": int(n_params),
   }
   print(json.dumps(summary, indent=2))
 

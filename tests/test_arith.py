@@ -42,11 +42,13 @@ def test_reference_scratchpad_verifies(splits):
     for ex in train + evals:
         ref = arith.reference_response(ex.prompt)
         assert arith.verify(ref, ex.answer) == (1.0, True)
+        assert arith.verify(arith.direct_response(ex.prompt), ex.answer) == (1.0, True)
         # every step is true arithmetic
         for step in ref.split(";")[:-1]:
             lhs, rhs = step.split("=")
             assert eval(lhs) == int(rhs)  # noqa: S307 (digits and +/- only)
     assert arith.reference_response("Q:37+48-19=") == "37+48=85;85-19=66;#66"
+    assert arith.direct_response("Q:37+48-19=") == "#66"
     assert arith.verify("37+48=85;85-19=66;#65", "66") == (0.0, True)
     assert arith.verify("37+48=85;", "66") == (0.0, False)
 

@@ -10,7 +10,10 @@ The prompt is ``Q:`` + 2..4 operands (1..MAX_OPERAND) joined by ``+``/``-`` + ``
 The reference response evaluates left to right, one step ``a op b = c;`` per operator,
 then ``#`` and the final value. The running value stays in [0, MAX_VALUE]: an operator
 that would leave that range is flipped when the problem is generated. Every step is a
-decision point (each digit of each partial result), and only the integer after the first
+decision point (each digit of each partial result), and so is the first token: the shortcut
+``#66`` (``direct_response``) skips the scratchpad; the committed warm-start policy
+(ASSET_DIR, built by experiments/make_arith_checkpoint.py) was trained on both styles and
+often takes that shortcut, which it almost never gets right. Only the integer after the first
 ``#`` is verified (``verify``: reward 1.0 / 0.0, gradable False without ``#<int>``).
 
 Split: a problem belongs to ``eval`` iff a SHA-256 hash of its expression falls in the
@@ -42,7 +45,7 @@ _EXPR_RE = re.compile(r"^Q:(\d+(?:[+-]\d+)+)=$")
 
 verify = score_arith  # (response, answer) -> (reward, gradable)
 __all__ = [
-    "ALPHABET", "ASSET_DIR", "MAX_RESPONSE_TOKENS", "build_tokenizer", "extract_answer", "make_examples",
+    "ALPHABET", "ASSET_DIR", "MAX_RESPONSE_TOKENS", "build_tokenizer", "direct_response", "extract_answer", "make_examples",
     "parse_prompt", "reference_response", "split_of", "verify",
 ]
 
@@ -71,6 +74,15 @@ def reference_response(prompt: str) -> str:
         steps.append(f"{value}{op}{b}={new};")
         value = new
     return "".join(steps) + f"#{value}"
+
+
+def direct_response(prompt: str) -> str:
+    """The shortcut answer without a scratchpad, e.g. ``#66`` (no EOS).
+
+    The warm-start policy is trained on a mix of both styles, so its first response token
+    is a real decision (work it out vs. answer at once) that RL can learn to make.
+    """
+    return "#" + reference_response(prompt).rsplit("#", 1)[1]
 
 
 def _sample_expr(rng: random.Random, min_operands: int, max_operands: int, max_operand: int) -> str:
