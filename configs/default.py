@@ -33,11 +33,11 @@ def get_config(arg: str | None = None):
     flags, objective = common.parse_arg(arg, ("smoke",))
     c = common.base_config()
     c.seed = 0
-    # Tuned for a 2-core CPU (a few minutes): 16 prompts x G=16 at temperature 1.0, two
+    # Tuned for a 2-core CPU (about 2 minutes): 16 prompts x G=16 at temperature 1.0, two
     # minibatch updates per rollout (so ESPO's ratios and clipping act on the second), Adam
     # lr 3e-4. The warm start answers about half the problems with the '#<ans>' shortcut
     # (almost always wrong); RL learns to work through the scratchpad instead.
-    c.num_steps = 100
+    c.num_steps = 60
     c.model.path = _asset_dir()
     c.model.dtype = "float32"
     c.task.name = "arith"
