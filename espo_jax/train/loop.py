@@ -35,7 +35,7 @@ from espo_jax.rollout import generate
 from espo_jax.train import checkpoint as ckpt_lib
 from espo_jax.train import report, writers
 from espo_jax.train.evaluate import evaluate
-from espo_jax.train.optim import make_optimizer
+from espo_jax.train.optim import learning_rate_schedule, make_optimizer
 from espo_jax.train.state import create_state, state_shardings
 from espo_jax.train.step import make_score_fn, make_train_step
 from espo_jax.train.tasks import build_task, decode_responses, encode_prompts
@@ -204,6 +204,7 @@ class _Ctx:
     batch_sharding: object
     prompt_cache: dict
     mesh: object = None
+    lr_schedule: object = None
 
 
 def _to_device(ctx: _Ctx, tree):
@@ -402,6 +403,7 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
         response_len_max=float(mask.sum(-1).max()),
         entropy_mean=float((entropy * mask).sum() / max(valid, 1.0)),
         advantage_abs_mean=float(np.abs(adv).mean()),
+        lr=float(ctx.lr_schedule(int(state.step))), optimizer_steps=int(state.step),
         time_rollout_s=t1 - t0, time_score_s=t2 - t1, time_update_s=t3 - t2,
         **info)
     dump = dict(batch, old_logp=old_logp, entropy=entropy, advantages=adv,
@@ -491,7 +493,9 @@ def run(config, workdir) -> dict:
                                 mesh_lib.under_mesh(train_step, mesh))
     ctx = _Ctx(config=config, workdir=workdir, task=task, tok=tok,
                order=PromptOrder(len(task.train), int(config.seed)), score_fn=score_fn,
-               train_step=train_step, batch_sharding=batch_sh, prompt_cache={}, mesh=mesh)
+               train_step=train_step, batch_sharding=batch_sh, prompt_cache={}, mesh=mesh,
+               lr_schedule=learning_rate_schedule(float(config.train.lr),
+                                                  int(config.train.warmup_steps)))
     eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 2**30)
 
     def run_eval(step):
