@@ -36,7 +36,8 @@ def math_config(**overrides):
 
 @pytest.mark.slow
 def test_qwen3_math_smoke_run(tmp_path):
-    out = loop.run(math_config(**{"dump.every": 1}), tmp_path)
+    # remat + micro-batches (score and train_step scan over micro-batches of 2).
+    out = loop.run(math_config(**{"dump.every": 1, "model.remat": True}), tmp_path)
     assert out["step"] == 2
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [0, 1, 2]

@@ -137,12 +137,9 @@ def load_policy(config, mesh, mesh_lib):
         rules = getattr(mesh_lib, "DEFAULT_RULES", None)
         if rules is not None:
             kw["rules"] = rules
+    if config.model.remat:
+        kw["remat"] = True  # ModelConfig override: rematerialise each layer in training
     model = from_pretrained(str(path), dtype=_dtype(config.model.dtype), **kw)
-    if config.model.remat and not getattr(model.config, "remat", False):
-        try:
-            model.config = model.config.replace(remat=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"WARNING: model.remat requested but unsupported ({e})", flush=True)
     data_lib.check_vocab(tok, int(model.config.vocab_size))
     return model, tok
 

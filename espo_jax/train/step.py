@@ -79,16 +79,19 @@ def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_
     Use it with the reference params for ref log-probs."""
 
     def score(params, rest, prompt_tokens, prompt_mask, tokens):
-        model = nnx.merge(graphdef, params, rest)
         n = _num_micro(tokens.shape[0], micro_batch_size)
 
-        def one(xs):
+        def one(p, r, xs):
+            model = nnx.merge(graphdef, p, r)
             return response_logprobs(model, *xs, chunk_size=chunk_size, temperature=temperature)
 
         if n == 1:
-            return one((prompt_tokens, prompt_mask, tokens))
+            return one(params, rest, (prompt_tokens, prompt_mask, tokens))
         xs = tuple(_split_micro(x, n) for x in (prompt_tokens, prompt_mask, tokens))
-        logp, ent = jax.lax.map(one, xs)
+        # The params ride in the scan carry (not closed over), so the model is built from
+        # values of the loop body's own trace level (NNX transforms such as the decoder's
+        # nnx.remat refuse Variables from an outer trace).
+        _, (logp, ent) = jax.lax.scan(lambda c, x: (c, one(*c, x)), (params, rest), xs)
         return _merge_micro(logp), _merge_micro(ent)
 
     if param_shardings is None:
@@ -150,15 +153,15 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
         def body(acc, mb):
-            g_acc, l_acc = acc
-            (loss, (metrics, logp)), g = grad_fn(state.params, state.rest, state.graphdef, mb,
-                                                 counts)
+            # params/rest ride in the carry (see make_score_fn: NNX trace levels).
+            params, rest, g_acc, l_acc = acc
+            (loss, (metrics, logp)), g = grad_fn(params, rest, state.graphdef, mb, counts)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             weight = mb["mask"].astype(jnp.float32).sum()
-            return (g_acc, l_acc + loss), (metrics, logp, weight)
+            return (params, rest, g_acc, l_acc + loss), (metrics, logp, weight)
 
-        (grads, loss), (ms, logp, weights) = jax.lax.scan(
-            body, (zeros, jnp.zeros((), jnp.float32)), micro)
+        (_, _, grads, loss), (ms, logp, weights) = jax.lax.scan(
+            body, (state.params, state.rest, zeros, jnp.zeros((), jnp.float32)), micro)
         metrics = _combine_metrics(ms, weights)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         gnorm = optax.tree.norm(grads)
