@@ -8,7 +8,7 @@ jitted with ``state_shardings`` from ``espo_jax.train.mesh`` and the state donat
 compiles 1 and 2 layers and extrapolates linearly per layer to 28; set ESPO_AOT_FULL=1
 to compile all 28 layers instead. Arguments extrapolate exactly; temporaries only
 approximately (XLA schedules weight all-gathers differently with more layers): on jax 0.10.2
-CPU the 1+2-layer estimate was 3.52 GiB vs 3.33 GiB from a full 28-layer compile.
+CPU the 1+2-layer estimate was 3.85 GiB vs 3.58 GiB from a full 28-layer compile.
 """
 from __future__ import annotations
 
