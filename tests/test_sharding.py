@@ -416,3 +416,11 @@ def test_shard_module_moves_an_existing_model(mesh_fsdp_tp):
         assert _norm(arr.sharding.spec) == _norm(_expected(path)), path
     text = describe_shardings(param_shardings(nnx.state(model), mesh_fsdp_tp))
     assert "embed_tokens: P('tensor', 'fsdp')" in text
+
+
+def test_dcn_split_for_multislice_tpu():
+    from espo_jax.train.mesh import dcn_split
+    assert dcn_split((4, 8, 1), 1) is None
+    assert dcn_split((4, 8, 1), 2) == ((2, 8, 1), (2, 1, 1))
+    with pytest.raises(ValueError, match="multiple of the 4 TPU slices"):
+        dcn_split((2, 16, 1), 4)

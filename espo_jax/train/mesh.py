@@ -93,6 +93,21 @@ def resolve_mesh_shape(sizes: Sequence[int], num_devices: int,
     return tuple(sizes)
 
 
+def dcn_split(shape: Sequence[int], num_slices: int):
+    """(ici_shape, dcn_shape) for a multi-slice TPU, or None for one slice.
+
+    Only "data" may cross slices (its traffic is one gradient all-reduce per update);
+    FSDP and tensor collectives stay on the fast in-slice ICI.
+    """
+    if num_slices <= 1:
+        return None
+    if shape[0] % num_slices:
+        raise ValueError(
+            f"config.mesh.data={shape[0]} must be a multiple of the {num_slices} TPU slices "
+            "(only the data axis crosses slices); e.g. data=-1 with fsdp = chips per slice")
+    return (shape[0] // num_slices, *shape[1:]), (num_slices,) + (1,) * (len(shape) - 1)
+
+
 def make_mesh(mesh_cfg: Any = None, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds the ("data", "fsdp", "tensor") mesh.
 
@@ -120,10 +135,14 @@ def make_mesh(mesh_cfg: Any = None, *, devices: Sequence[jax.Device] | None = No
     arr = None
     if n == len(jax.devices()):  # topology-aware order (TPU ICI rings, GPU NVLink islands)
         from jax.experimental import mesh_utils
+        slices = dcn_split(shape, len({getattr(d, "slice_index", 0) for d in devs}))
         try:
-            arr = mesh_utils.create_device_mesh(shape, devices=devs)
+            if slices is not None:  # multi-slice TPU: "data" crosses the slow DCN links
+                arr = mesh_utils.create_hybrid_device_mesh(slices[0], slices[1], devices=devs)
+            else:
+                arr = mesh_utils.create_device_mesh(shape, devices=devs)
         except Exception as e:  # noqa: BLE001 - odd topology: plain order is still correct
-            log.info("mesh_utils.create_device_mesh failed (%s); using device order", e)
+            log.info("mesh_utils device mesh failed (%s); using device order", e)
     if arr is None:
         arr = np.asarray(devs, dtype=object).reshape(shape)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
