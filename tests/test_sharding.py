@@ -422,5 +422,4 @@ def test_dcn_split_for_multislice_tpu():
     from espo_jax.train.mesh import dcn_split
     assert dcn_split((4, 8, 1), 1) is None
     assert dcn_split((4, 8, 1), 2) == ((2, 8, 1), (2, 1, 1))
-    with pytest.raises(ValueError, match="multiple of the 4 TPU slices"):
-        dcn_split((2, 16, 1), 4)
+    assert dcn_split((2, 16, 1), 4) is None   # warned: FSDP would cross slices

@@ -102,9 +102,10 @@ def dcn_split(shape: Sequence[int], num_slices: int):
     if num_slices <= 1:
         return None
     if shape[0] % num_slices:
-        raise ValueError(
-            f"config.mesh.data={shape[0]} must be a multiple of the {num_slices} TPU slices "
-            "(only the data axis crosses slices); e.g. data=-1 with fsdp = chips per slice")
+        log.warning("config.mesh.data=%d is not a multiple of the %d TPU slices: FSDP/tensor "
+                    "traffic will cross the slow links between slices; prefer data=-1 with "
+                    "fsdp = chips per slice", shape[0], num_slices)
+        return None
     return (shape[0] // num_slices, *shape[1:]), (num_slices,) + (1,) * (len(shape) - 1)
 
 
@@ -135,7 +136,9 @@ def make_mesh(mesh_cfg: Any = None, *, devices: Sequence[jax.Device] | None = No
     arr = None
     if n == len(jax.devices()):  # topology-aware order (TPU ICI rings, GPU NVLink islands)
         from jax.experimental import mesh_utils
-        slices = dcn_split(shape, len({getattr(d, "slice_index", 0) for d in devs}))
+        on_tpu = devs[0].platform == "tpu"
+        slices = dcn_split(shape, len({getattr(d, "slice_index", 0) for d in devs})) \
+            if on_tpu else None
         try:
             if slices is not None:  # multi-slice TPU: "data" crosses the slow DCN links
                 arr = mesh_utils.create_hybrid_device_mesh(slices[0], slices[1], devices=devs)
