@@ -192,9 +192,9 @@ def parse(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse(argv)
     from espo_jax.train.distributed import setup_distributed
-    setup_distributed(None)
+    setup_distributed(None)  # before the first backend query (parse asks for the backend)
+    args = parse(argv)
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} x "
           f"{dev.device_kind}", flush=True)
