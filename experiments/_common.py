@@ -6,7 +6,8 @@ runner like a user does, one subprocess per run::
     python -m espo_jax.main --config=CONFIG[:smoke,OBJECTIVE] --workdir=RUNS/<slug>/seed<k> \
         --config.seed=k [--config.num_steps=S] [--config.<key>=<value> ...]
 
-and never imports jax itself (the parent stays light; every run is an isolated process).
+so every run is an isolated process (the parent only loads the config files, to hash what
+they resolve to).
 
 Layout::
 
@@ -15,8 +16,8 @@ Layout::
         done.json             written after a successful run (wall time, return code)
     OUT/report.md, OUT/*.png  the aggregate report (small files; commit these)
 
-``<slug>`` is derived from the config file (name + content hash), objective, overrides and
-step count, so two
+``<slug>`` is derived from the config (name + a hash of the resolved config and the policy
+weights), objective, overrides and step count, so two
 sweeps that ask for the same configuration (e.g. the comparison's ESPO and the ablation's
 reference ESPO) share one set of runs.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -83,19 +85,48 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", s).strip("_")
 
 
-def config_hash(config: pathlib.Path) -> str:
-    """Short hash of the config file and its sibling helper files (configs/_*.py): runs of
-    an edited config get new workdirs instead of being mistaken for finished ones."""
-    h = hashlib.sha1()
-    for f in [config, *sorted(config.parent.glob("_*.py"))]:
-        if f.is_file():
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
+# Keys that do not change what a run computes (logging, checkpoint cadence, dumps, set-up).
+NEUTRAL_KEYS = ("log", "checkpoint", "dump", "distributed", "mesh")
+
+
+@functools.lru_cache(maxsize=None)
+def config_hash(config: pathlib.Path, arg: str = "",
+                overrides: tuple[tuple[str, str], ...] = ()) -> str:
+    """Short hash of what ``config:arg`` with ``overrides`` resolves to (``get_config(arg)``,
+    overridden keys set to their text, minus NEUTRAL_KEYS) and of the policy weights it
+    points at. An edited config or a new checkpoint gives new run directories; comment,
+    cadence or overridden-key edits do not invalidate finished runs."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location(f"_cfg_{abs(hash(str(config)))}", config)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config(arg or None).to_dict()
+    for key, val in overrides:
+        *path, last = key.split(".")
+        node = cfg
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = val
+    for k in NEUTRAL_KEYS:
+        cfg.pop(k, None)
+    h = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode())
+    model = pathlib.Path(str(cfg.get("model", {}).get("path", "")))
+    if model.is_dir():
+        for f in sorted(model.glob("*.safetensors")) + [model / "config.json"]:
+            if f.is_file():
+                h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:6]
 
 
 def variant_slug(config: pathlib.Path, variant: Variant, *, smoke: bool, steps: int | None,
                  extra: Sequence[tuple[str, Any]] = ()) -> str:
-    parts = [config.stem + ("-smoke" if smoke else "") + "-" + config_hash(config),
+    arg = ",".join((["smoke"] if smoke else []) + [variant.objective])
+    ov = [(k, _fmt(v)) for k, v in list(variant.overrides) + list(extra)]
+    if steps is not None:
+        ov.append(("num_steps", str(steps)))
+    parts = [config.stem + ("-smoke" if smoke else "") + "-" + config_hash(config, arg,
+                                                                           tuple(sorted(ov))),
              variant.objective]
     for k, v in sorted(variant.overrides) + sorted(extra):
         parts.append(f"{k.split('.')[-1]}={_fmt(v)}")
@@ -135,8 +166,11 @@ def make_runs(variants: Sequence[Variant], seeds: Sequence[int], *, runs_dir: pa
 
 # ------------------------------------------------------------------------ running --
 def _identity(argv: Sequence[str]) -> list[str]:
-    """The part of a command that defines the run (not the interpreter path)."""
-    return list(argv[1:])
+    """The part of a command that defines the run: not the interpreter, not the workdir
+    (derived from the rest, so run directories can be moved), not NEUTRAL_KEYS overrides
+    (so the comparison's ESPO run with dumps is the ablation's reference run)."""
+    neutral = tuple(f"--config.{k}." for k in NEUTRAL_KEYS) + ("--workdir=",)
+    return [a for a in argv[1:] if not a.startswith(neutral)]
 
 
 def is_finished(run: Run) -> bool:

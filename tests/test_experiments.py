@@ -37,7 +37,7 @@ def _fake_run(run: C.Run, *, acc0: float, acc1: float, clip: float, steps: int =
         recs.append(r)
     (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (wd / "config.json").write_text(json.dumps({"num_steps": steps}))
-    (wd / "done.json").write_text(json.dumps({"argv": list(run.argv[1:]), "returncode": 0,
+    (wd / "done.json").write_text(json.dumps({"argv": C._identity(run.argv), "returncode": 0,
                                               "wall_s": 60.0}))
 
 
@@ -87,7 +87,7 @@ def test_resume_skips_finished_and_locks(tmp_path):
     # Same workdir, different command (e.g. other steps): not finished, and refused clearly.
     other = C.Run(run.variant, 0, run.workdir, run.argv + ("--config.num_steps=3",))
     assert not C.is_finished(other)
-    (run.workdir / "spec.json").write_text(json.dumps({"argv": list(run.argv[1:])}))
+    (run.workdir / "spec.json").write_text(json.dumps({"argv": C._identity(run.argv)}))
     with pytest.raises(RuntimeError, match="different run"):
         C.run_one(other)
     # A live lock means another process runs it; a stale one (dead pid) is taken over.
