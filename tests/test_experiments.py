@@ -117,7 +117,7 @@ def test_report_and_claims_on_synthetic_runs(tmp_path):
     for f in PLOTS:
         assert (out / f).stat().st_size > 5000, f
         assert f"]({f})" in text
-    assert "| espo | 3 | 0.200 ± 0.000 | **0.510 ± 0.010** |" in text
+    assert "| espo | 3 | 0.200 ± 0.000 | **0.510 ± 0.010** | 0.432 ± 0.008 |" in text
     assert "steps to target" in text and "3.0 (3/3)" in text   # target 0.30, reached at step 3
     claims = text.split("## Claims")[1].split("## Plots")[0]
     assert "GSPO clips the most tokens: **holds**" in claims
