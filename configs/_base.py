@@ -1,56 +1,27 @@
 """Shared config blocks (objectives, training, DAPO, eval, checkpoints, mesh) for configs/*.py (files starting with "_" are helpers, not configs).
 
 Every key a user may override exists here, so a locked ConfigDict rejects typos with a
-message naming the key. Objective hyper-parameters default to ESPO.md; when
-``espo_jax.objectives.OBJECTIVES`` is importable its declared defaults win.
+message naming the key. Objective hyper-parameters and their defaults come from
+``espo_jax.objectives.OBJECTIVES``.
 """
 from __future__ import annotations
 
 import ml_collections
 
+from espo_jax.objectives import OBJECTIVES
+
 OBJECTIVE_NAMES = ("espo", "grpo", "dapo", "gspo", "gmpo", "cispo")
 
-# ESPO.md defaults (fallback when the registry cannot be read). Runtime-only arguments
-# (vocab_size) and the KL weight (train.beta) are not objective config keys.
-_FALLBACK = {
-    "grpo": dict(clip_low=0.2, clip_high=0.2, clip_ratio_c=None, max_log_ratio=20.0),
-    "dapo": dict(clip_low=0.2, clip_high=0.28, clip_ratio_c=None, max_log_ratio=20.0),
-    "gspo": dict(clip_low=3e-4, clip_high=4e-4, max_log_ratio=20.0),
-    "gmpo": dict(clip_low=0.4, clip_high=0.4, max_log_ratio=20.0),
-    "cispo": dict(clip_low=None, clip_high=4.0, max_log_ratio=20.0),
-    "espo": dict(alpha=0.02, grouping="top_fraction", top_fraction=0.2, num_groups=2,
-                 entropy_edges=None, clip_mode="adaptive", clip_low=3e-4, clip_high=4e-4,
-                 token_ratio="group", eps_min=None, eps_max=None, max_log_ratio=20.0),
-}
+# Runtime-only arguments (vocab_size) and the KL weight (train.beta) are not objective
+# config keys.
 _RUNTIME_KEYS = ("vocab_size", "beta", "counts", "ref_logp")
 
 
-def _registry_defaults(name: str) -> dict | None:
-    """Default hparams declared by espo_jax.objectives.OBJECTIVES[name], if readable."""
-    try:
-        from espo_jax.objectives import OBJECTIVES  # noqa: PLC0415
-    except Exception:  # noqa: BLE001 - objectives not importable: use ESPO.md defaults
-        return None
-    spec = OBJECTIVES.get(name)
-    if spec is None:
-        return None
-    for attr in ("defaults", "hparams", "default_hparams"):
-        d = spec.get(attr) if isinstance(spec, dict) else getattr(spec, attr, None)
-        if hasattr(d, "items"):
-            return dict(d)
-    return dict(spec) if isinstance(spec, dict) else None
-
-
 def objective_defaults(name: str) -> dict:
-    d = _registry_defaults(name)
-    if d is None:
-        d = dict(_FALLBACK[name])
-    out = {}
-    for k, v in d.items():
-        if k in _RUNTIME_KEYS:
-            continue
-        out[k] = list(v) if isinstance(v, tuple) else v
-    return out
+    """Config keys + defaults of objective ``name``: the registry
+    (``espo_jax.objectives.OBJECTIVES[name].defaults``) is the one place they live."""
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in OBJECTIVES[name].defaults.items() if k not in _RUNTIME_KEYS}
 
 
 def _field(v):
@@ -100,7 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.score = ml_collections.ConfigDict(dict(chunk_size=1024))
     c.dump = ml_collections.ConfigDict(dict(every=0))  # rollout dumps under workdir/dumps/
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.distributed = ml_collections.ConfigDict(dict(initialize=False))
+    # jax.distributed.initialize() arguments; "" / 0 / -1 mean "let JAX detect it".
+    c.distributed = ml_collections.ConfigDict(dict(
+        initialize=False, coordinator_address="", num_processes=0, process_id=-1))
     c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))
     return c
 

@@ -16,17 +16,16 @@ from __future__ import annotations
 import os
 import sys
 
+# config_flags loads this file by path (not as a package module): put its directory on
+# sys.path so the sibling helper configs/_base.py imports.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _base as common  # noqa: E402  (configs/_base.py, next to this file)
+import _base as common  # noqa: E402
+
+from espo_jax.data import arith  # noqa: E402
 
 
 def _asset_dir() -> str:
-    try:
-        from espo_jax.data import arith  # noqa: PLC0415
-        return str(arith.ASSET_DIR)
-    except Exception:  # noqa: BLE001 - package not importable: relative to the repo
-        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "espo_jax",
-                            "assets", "arith")
+    return str(arith.ASSET_DIR)
 
 
 def get_config(arg: str | None = None):

@@ -19,8 +19,10 @@ from __future__ import annotations
 import os
 import sys
 
+# config_flags loads this file by path (not as a package module): put its directory on
+# sys.path so the sibling helper configs/_base.py imports.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _base as common  # noqa: E402  (configs/_base.py, next to this file)
+import _base as common  # noqa: E402
 
 _REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 INSTRUCTION = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}."
