@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from espo_jax.models.config import ModelConfig
+from espo_jax.models.sharding import constrain_batch
 
 # Finite "minus infinity": fully masked rows (left padding queries) stay NaN-free.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -182,6 +183,7 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, **kw)
 
   def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
+    x = constrain_batch(x)  # keep activations batch-split under FSDP (no-op without a mesh)
     h, cache = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq,
                               cache, cache_index, impl=self.attention_impl)
     x = x + h

@@ -11,7 +11,11 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# The mesh axes a batch (leading) dim is split over.
+BATCH_AXES = ("data", "fsdp")
 
 # Used by `from_pretrained(mesh=...)` when no rules are given: FSDP on the model width,
 # tensor parallelism on heads / mlp / vocab.
@@ -59,3 +63,22 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
 
 def logical_to_sharding(names, shape, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) dim to ("data", "fsdp") inside jit.
+
+  Without it GSPMD may resolve FSDP-sharded weights by all-gathering the *activations*
+  over the batch and all-reducing partial matmuls (weight-stationary), which keeps a
+  full-batch copy of every activation on every device. With it, weights are all-gathered
+  per layer and activations stay split (FSDP as intended). A no-op unless a mesh with
+  these axes is active (``with jax.set_mesh(mesh):`` around tracing) and the batch
+  divides evenly, so model code (every ``Block``) calls it unconditionally.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  if not axes or x.ndim == 0 or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(axes if len(axes) > 1 else axes[0]))

@@ -39,12 +39,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from espo_jax.models.sharding import BATCH_AXES
 from espo_jax.models.sharding import DEFAULT_RULES as _MODEL_RULES
+# One implementation, in the model package (every Block calls it); re-exported here.
+from espo_jax.models.sharding import constrain_batch  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 # logical axis name -> mesh axis (str, tuple of str, or None = replicated). The very
 # table `from_pretrained(mesh=...)` uses by default, so loaded weights and the jitted
@@ -364,25 +366,6 @@ def batch_sharding(mesh: Mesh, ndim: int | None = None) -> NamedSharding:
     """
     del ndim
     return NamedSharding(mesh, P(BATCH_AXES))
-
-
-def constrain_batch(x: jax.Array) -> jax.Array:
-    """Pins an activation's leading (batch) dim to ("data", "fsdp") inside jit.
-
-    Without it GSPMD may resolve FSDP-sharded weights by all-gathering the *activations*
-    over the batch and all-reducing partial matmuls (weight-stationary), which keeps a
-    full-batch copy of every activation on every device. With it, weights are
-    all-gathered per layer and activations stay split (FSDP as intended). A no-op unless
-    a mesh with these axes is active (``with jax.set_mesh(mesh):`` around tracing) and
-    the batch divides evenly, so model code can call it unconditionally.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or np.ndim(x) == 0 or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-        return x
-    return jax.lax.with_sharding_constraint(x, P(axes if len(axes) > 1 else axes[0]))
 
 
 def under_mesh(fn, mesh: Mesh | None):

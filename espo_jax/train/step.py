@@ -22,11 +22,8 @@ from espo_jax.ops import token_logprobs_and_entropy
 from espo_jax.objectives import batch_counts, policy_loss
 from espo_jax.train.state import TrainState
 
-try:  # pins activations' batch dim to ("data","fsdp") under an active mesh (FSDP as intended)
-    from espo_jax.train.mesh import constrain_batch
-except ImportError:  # pragma: no cover - mesh module absent: no constraint
-    def constrain_batch(x):
-        return x
+# Pins activations' batch dim to ("data","fsdp") under an active mesh (FSDP as intended).
+from espo_jax.models.sharding import constrain_batch
 
 BATCH_AXES = ("data", "fsdp")
 
