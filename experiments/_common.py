@@ -531,7 +531,7 @@ def _band(ax, res: VariantResult, key: str, color, *, min_step: int = 0, label=N
 
 def plot_accuracy(results, path: pathlib.Path, *, target: float | None = None, title=""):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
     for res, c in zip(results, _colors(len(results))):
         _band(ax, res, "eval_accuracy", c)
     if target is not None:
@@ -548,7 +548,7 @@ def plot_accuracy(results, path: pathlib.Path, *, target: float | None = None, t
 
 def plot_clip(results, path: pathlib.Path, *, title=""):
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, sharey=False)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90, sharey=False)
     for key, ax in zip(("clip_frac_high", "clip_frac_low"), axes):
         for res, c in zip(results, _colors(len(results))):
             _band(ax, res, key, c, min_step=1)
@@ -569,7 +569,7 @@ def plot_clip(results, path: pathlib.Path, *, title=""):
 def plot_entropy_clip(res: VariantResult, path: pathlib.Path, *, title=""):
     """One variant's old-policy entropy and clip fraction over training on twin axes."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
     _band(ax, res, "entropy_mean", "tab:blue", min_step=1, label="entropy (nats/token)")
     ax.set(xlabel="step", ylabel="mean token entropy (nats)")
     ax.yaxis.label.set_color("tab:blue")
@@ -595,7 +595,7 @@ def plot_groups(res: VariantResult, path: pathlib.Path, *, title="") -> pathlib.
     if not keys:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=90)
     for g, c in zip(keys, _colors(len(keys))):
         _band(axes[0], res, f"{g}/clip_frac", c, min_step=1, label=g)
         _band(axes[1], res, f"{g}/eps_mean", c, min_step=1, label=g)
@@ -615,7 +615,7 @@ def plot_groups(res: VariantResult, path: pathlib.Path, *, title="") -> pathlib.
 
 def plot_length(results, path: pathlib.Path, *, title=""):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
     for res, c in zip(results, _colors(len(results))):
         _band(ax, res, "response_len_mean", c, min_step=1)
     ax.set(xlabel="step", ylabel="mean response length (tokens)",
