@@ -114,10 +114,6 @@ def test_two_processes_share_one_mesh(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "training is multi-host correct, but the final export (train/loop.py _export on "
-    "process 0 -> save_pretrained -> device_get) cannot fetch params sharded across hosts; "
-    "gather with espo_jax.train.distributed.to_host on every process first"))
 def test_cli_two_processes(tmp_path):
     if not os.environ.get("ESPO_MULTIHOST_CLI"):
         pytest.skip("opt-in (ESPO_MULTIHOST_CLI=1): the whole CLI as 2 processes, ~2 min")

@@ -11,11 +11,13 @@ import jax
 import numpy as np
 
 from espo_jax.rollout import generate
+from espo_jax.train.distributed import to_host
 from espo_jax.train.tasks import Task, decode_responses, encode_prompts
 
 
-def evaluate(model, task: Task, tokenizer, config, *, key: jax.Array) -> dict:
-    """Metrics dict: eval_accuracy, eval_response_len_mean, eval_gradable_frac, eval_num."""
+def evaluate(model, task: Task, tokenizer, config, *, key: jax.Array, decode_fn=None) -> dict:
+    """Metrics dict: eval_accuracy, eval_response_len_mean, eval_gradable_frac, eval_num.
+    ``decode_fn``: the sampler to use (e.g. ``mesh.sharded_decode_fn(mesh)``; None: default)."""
     ecfg = config.eval
     examples = task.eval[: max(1, int(ecfg.num_examples))]
     k = max(1, int(ecfg.num_samples))
@@ -30,9 +32,9 @@ def evaluate(model, task: Task, tokenizer, config, *, key: jax.Array) -> dict:
         ro = generate(model, chunk, max_new_tokens=int(ecfg.max_new_tokens),
                       temperature=temperature, key=jax.random.fold_in(key, start),
                       eos_id=tokenizer.eos_token_id, num_samples=k,
-                      pad_id=tokenizer.pad_token_id)
-        tokens = np.asarray(ro.tokens)[: n_real * k]
-        mask = np.asarray(ro.mask)[: n_real * k]
+                      pad_id=tokenizer.pad_token_id, decode_fn=decode_fn)
+        tokens, mask = to_host((ro.tokens, ro.mask))        # rows may live on other hosts
+        tokens, mask = tokens[: n_real * k], mask[: n_real * k]
         texts = decode_responses(tokens, mask, tokenizer)
         exs = [e for e in examples[start:start + n_real] for _ in range(k)]
         r, g = task.score(texts, exs)

@@ -15,13 +15,14 @@ One step k (k = 1..num_steps), everything derived from (seed, k):
      before the first update, and after the last); checkpoint every checkpoint.every steps
      and at the end. A workdir with a checkpoint resumes from it; SIGTERM finishes the
      current step, checkpoints and returns.
+
+Steps 1-3 live in ``rollout_phase``, set-up/validation in ``setup``, the final export in
+``export``.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
-import shutil
 import signal
 import time
 
@@ -29,163 +30,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from espo_jax import data as data_lib
 from espo_jax.objectives import compute_advantages
-from espo_jax.rollout import generate
 from espo_jax.train import checkpoint as ckpt_lib
 from espo_jax.train import report, writers
+from espo_jax.train.distributed import device_put_global, to_host
 from espo_jax.train.evaluate import evaluate
+from espo_jax.train.export import TOKENIZER_FILES, export_final_policy  # noqa: F401 (re-export)
 from espo_jax.train.optim import learning_rate_schedule, make_optimizer
+from espo_jax.train.rollout_phase import PromptOrder, collect  # noqa: F401 (re-export)
+from espo_jax.train.setup import (_mesh_lib, batch_axes_size, load_policy,  # noqa: F401
+                                  objective_hparams, validate)
 from espo_jax.train.state import create_state, state_shardings
 from espo_jax.train.step import make_score_fn, make_train_step
-from espo_jax.train.tasks import build_task, decode_responses, encode_prompts
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                   "chat_template.jinja", "generation_config.json")
+from espo_jax.train.tasks import build_task
 
 
 class NonFiniteError(RuntimeError):
     """Raised after train.max_nonfinite_in_a_row non-finite updates in a row."""
-
-
-# ----------------------------------------------------------------------------- set-up --
-def _mesh_lib():
-    try:
-        from espo_jax.train import mesh as mesh_lib  # noqa: PLC0415
-    except ImportError as e:
-        print(f"WARNING: espo_jax.train.mesh unavailable ({e}); running unsharded", flush=True)
-        return None
-    return mesh_lib
-
-
-def batch_axes_size(mesh) -> int:
-    if mesh is None:
-        return 1
-    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
-
-
-def validate(config, mesh=None) -> None:
-    """Clear errors for inconsistent batch settings (names the keys and the numbers)."""
-    r, t = config.rollout, config.train
-    if r.group_size < 2:
-        raise ValueError(f"rollout.group_size must be >= 2 (group-relative advantages), "
-                         f"got {r.group_size}")
-    if r.prompts_per_step < 1:
-        raise ValueError(f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")
-    batch = r.prompts_per_step * r.group_size
-    if t.num_minibatches < 1 or batch % t.num_minibatches:
-        raise ValueError(
-            f"the rollout batch rollout.prompts_per_step * rollout.group_size = "
-            f"{r.prompts_per_step} * {r.group_size} = {batch} is not divisible by "
-            f"train.num_minibatches={t.num_minibatches}")
-    mb = batch // t.num_minibatches
-    if t.micro_batch_size > 0 and mb % t.micro_batch_size:
-        raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must divide the minibatch "
-                         f"size {mb} (= {batch} / train.num_minibatches)")
-    n_dev = batch_axes_size(mesh)
-    micro = t.micro_batch_size if 0 < t.micro_batch_size < mb else mb
-    if micro % n_dev:
-        raise ValueError(
-            f"the (micro-)batch size {micro} is not divisible by the mesh's batch axes "
-            f"data x fsdp = {n_dev} devices; change rollout.prompts_per_step, "
-            f"train.num_minibatches, train.micro_batch_size or mesh.*")
-    if t.num_epochs < 1:
-        raise ValueError(f"train.num_epochs must be >= 1, got {t.num_epochs}")
-    if config.num_steps < 0:
-        raise ValueError(f"num_steps must be >= 0, got {config.num_steps}")
-    if config.objective.name not in config.objective:
-        raise ValueError(f"objective.name={config.objective.name!r} has no objective.{config.objective.name} block")
-
-
-def objective_hparams(config, vocab_size: int) -> dict:
-    """The selected objective's hyper-parameters from config (+ runtime vocab_size, beta)."""
-    name = config.objective.name
-    hp = dict(config.objective[name].to_dict())
-    hp = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hp.items()}
-    if name == "espo":
-        hp["vocab_size"] = int(vocab_size)
-    if config.train.beta > 0:
-        hp["beta"] = float(config.train.beta)
-    return hp
-
-
-def _dtype(name: str):
-    try:
-        return jnp.dtype(name)
-    except TypeError as e:
-        raise ValueError(f"model.dtype: unknown dtype {name!r}") from e
-
-
-def load_policy(config, mesh, mesh_lib):
-    """(model, tokenizer), with clear errors for a missing directory or a vocab mismatch."""
-    from espo_jax.models import from_pretrained  # noqa: PLC0415
-
-    path = pathlib.Path(config.model.path)
-    if not config.model.path or not path.is_dir():
-        raise FileNotFoundError(f"model.path: model directory {str(path)!r} does not exist")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.path: {path} has no config.json (expected a Hugging "
-                                "Face model directory with config.json + *.safetensors)")
-    tok = data_lib.load_tokenizer(path)
-    from espo_jax.models import ModelConfig  # noqa: PLC0415
-    # Vocab check from config.json first: a mismatch fails before any weight is read.
-    data_lib.check_vocab(tok, int(ModelConfig.from_hf(str(path / "config.json")).vocab_size))
-    kw = {}
-    if mesh is not None:
-        kw["mesh"] = mesh
-        rules = getattr(mesh_lib, "DEFAULT_RULES", None)
-        if rules is not None:
-            kw["rules"] = rules
-    if config.model.remat:
-        kw["remat"] = True  # ModelConfig override: rematerialise each layer in training
-    model = from_pretrained(str(path), dtype=_dtype(config.model.dtype), **kw)
-    data_lib.check_vocab(tok, int(model.config.vocab_size))
-    return model, tok
-
-
-# --------------------------------------------------------------------------- prompts --
-class PromptOrder:
-    """Prompt indices for step k: block k of a stream of seeded per-epoch permutations;
-    refill draws for DAPO dynamic sampling come from (seed, k, try)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
-        return self._perms[epoch]
-
-    def step(self, k: int, p: int) -> list[int]:
-        out = []
-        for pos in range((k - 1) * p, k * p):
-            e, i = divmod(pos, self.n)
-            out.append(int(self._perm(e)[i]))
-        return out
-
-    def refill(self, k: int, attempt: int, p: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, k, attempt, 7])
-        return [int(i) for i in rng.choice(self.n, size=p, replace=self.n < p)]
-
-
-def _left_pad(x: np.ndarray, width: int, value) -> np.ndarray:
-    if x.shape[1] == width:
-        return x
-    return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
-
-
-def _concat_rollouts(parts: list[dict], pad_id: int) -> dict:
-    width = max(p["prompt_tokens"].shape[1] for p in parts)
-    out = {}
-    for key in parts[0]:
-        xs = [p[key] for p in parts]
-        if key == "prompt_tokens":
-            xs = [_left_pad(x, width, pad_id) for x in xs]
-        elif key == "prompt_mask":
-            xs = [_left_pad(x, width, 0) for x in xs]
-        out[key] = np.concatenate(xs) if isinstance(xs[0], np.ndarray) else sum(xs, [])
-    return out
 
 
 # ------------------------------------------------------------------------------ loop --
@@ -202,25 +63,15 @@ class _Ctx:
     prompt_cache: dict
     mesh: object = None
     lr_schedule: object = None
+    decode_fn: object = None  # the rollout's sharded sampler (None: the default jitted one)
 
 
 def _to_device(ctx: _Ctx, tree):
     """Host numpy batch (every host holds the same full batch) -> global device arrays:
-    each host contributes its ``host_slice`` of the rows (multi-host safe)."""
+    each process copies the rows its own devices hold (any device order; multi-host safe)."""
     if ctx.batch_sharding is None:
         return jax.tree.map(jnp.asarray, tree)
-    from espo_jax.train.distributed import host_local_to_global, host_slice  # noqa: PLC0415
-    n = jax.tree.leaves(tree)[0].shape[0]
-    rows = host_slice(n)
-    return host_local_to_global(jax.tree.map(lambda x: np.asarray(x)[rows], tree), ctx.mesh)
-
-
-def _to_host(x) -> np.ndarray:
-    """A (possibly multi-host sharded) array as a full numpy array on every host."""
-    if jax.process_count() > 1 and not getattr(x, "is_fully_addressable", True):
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+    return device_put_global(tree, ctx.mesh)
 
 
 class _Stop:
@@ -247,78 +98,6 @@ class _Stop:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _sample_groups(ctx: _Ctx, state, indices: list[int], key) -> dict:
-    """G responses for each prompt index, decoded and scored (host numpy arrays)."""
-    cfg = ctx.config
-    r = cfg.rollout
-    missing = [i for i in indices if i not in ctx.prompt_cache]
-    if missing:
-        enc = encode_prompts([ctx.task.train[i] for i in missing], cfg.task, ctx.tok)
-        ctx.prompt_cache.update(zip(missing, enc))
-    ro = generate(state.model(), [ctx.prompt_cache[i] for i in indices],
-                  max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
-                  key=key, top_p=float(r.top_p), top_k=int(r.top_k),
-                  eos_id=ctx.tok.eos_token_id, num_samples=int(r.group_size),
-                  pad_id=ctx.tok.pad_token_id)
-    tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask, np.float32)
-    examples = [ctx.task.train[i] for i in indices for _ in range(r.group_size)]
-    texts = decode_responses(tokens, mask, ctx.tok)
-    correct, gradable = ctx.task.score(texts, examples)
-    rewards = correct.copy()
-    lengths = mask.sum(-1)
-    ov = cfg.dapo.overlong
-    if ov.enable:
-        from espo_jax.rewards import overlong_penalty  # noqa: PLC0415
-        max_len = int(ov.max_len) if ov.max_len > 0 else int(r.max_new_tokens)
-        rewards = rewards + overlong_penalty(lengths, max_len, int(ov.buffer), float(ov.penalty))
-    return dict(prompt_tokens=np.asarray(ro.prompt_tokens), prompt_mask=np.asarray(ro.prompt_mask),
-                tokens=tokens, mask=mask, rewards=rewards.astype(np.float32),
-                correct=correct.astype(np.float32), gradable=gradable,
-                group_index=np.repeat(np.asarray(indices), r.group_size), texts=texts)
-
-
-def _collect(ctx: _Ctx, state, step: int) -> tuple[dict, dict]:
-    """The step's rollout batch (with DAPO dynamic sampling when on) and its metrics."""
-    cfg = ctx.config
-    p, g = int(cfg.rollout.prompts_per_step), int(cfg.rollout.group_size)
-    key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
-    first = _sample_groups(ctx, state, ctx.order.step(step, p), key)
-    info = {}
-    if not cfg.dapo.dynamic_sampling:
-        return first, info
-
-    def split(batch):
-        r = batch["rewards"].reshape(-1, g)
-        varied = r.max(1) > r.min(1)
-        return varied
-
-    kept, dropped, n_kept, tries = [], [], 0, 0
-    batch, n_all_equal = first, 0
-    while True:
-        varied = split(batch)
-        n_all_equal += int((~varied).sum())
-        for grp in range(p):
-            target = kept if varied[grp] else dropped
-            target.append(_take_group(batch, grp, g))
-        n_kept = len(kept)
-        if n_kept >= p or tries >= int(cfg.dapo.max_sampling_tries):
-            break
-        tries += 1
-        batch = _sample_groups(ctx, state, ctx.order.refill(step, tries, p),
-                               jax.random.fold_in(key, tries))
-    filled = max(0, p - n_kept)
-    groups = kept[:p] + dropped[:filled]
-    info = {"dynamic_sampling_tries": float(tries + 1),
-            "dynamic_sampling_filled_frac": filled / p,
-            "dynamic_sampling_all_equal_frac": n_all_equal / (p * (tries + 1))}
-    return _concat_rollouts(groups, ctx.tok.pad_token_id), info
-
-
-def _take_group(batch: dict, grp: int, g: int) -> dict:
-    sl = slice(grp * g, (grp + 1) * g)
-    return {k: (v[sl] if isinstance(v, np.ndarray) else v[sl]) for k, v in batch.items()}
-
-
 def _mean_metrics(records: list[dict]) -> dict:
     out = {}
     for k in records[0]:
@@ -338,7 +117,7 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
     """One RL step; returns (state, metrics, dump arrays, nonfinite_run)."""
     cfg = ctx.config
     t0 = time.perf_counter()
-    batch, info = _collect(ctx, state, step)
+    batch, info = collect(ctx, state, step)
     t1 = time.perf_counter()
 
     pt, pm, tk = _to_device(ctx, (batch["prompt_tokens"], batch["prompt_mask"], batch["tokens"]))
@@ -350,14 +129,14 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
                              estimator=cfg.advantage.estimator,
                              gradable=jnp.asarray(batch["gradable"]),
                              valid_only=bool(cfg.advantage.valid_only))
-    old_logp, entropy, adv = _to_host(old_logp), _to_host(entropy), _to_host(adv)
+    old_logp, entropy, adv = to_host(old_logp), to_host(entropy), to_host(adv)
     t2 = time.perf_counter()
 
     full = dict(prompt_tokens=batch["prompt_tokens"], prompt_mask=batch["prompt_mask"],
                 tokens=batch["tokens"], mask=batch["mask"], old_logp=old_logp,
                 entropy=entropy, advantages=adv.astype(np.float32))
     if ref_logp is not None:
-        full["ref_logp"] = _to_host(ref_logp)
+        full["ref_logp"] = to_host(ref_logp)
     bsz = batch["tokens"].shape[0]
     n_mb = int(cfg.train.num_minibatches)
     mb = bsz // n_mb
@@ -371,7 +150,7 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
             mbatch = _to_device(ctx, mbatch)
             state, m, logp = ctx.train_step(state, mbatch)
             m = jax.device_get(m)
-            last_logp[rows] = _to_host(logp)
+            last_logp[rows] = to_host(logp)
             updates.append(m)
             if m["nonfinite"] > 0:
                 nonfinite_run += 1
@@ -417,24 +196,6 @@ def _write_dump(workdir: pathlib.Path, step: int, dump: dict, task, tok, config,
     d.mkdir(parents=True, exist_ok=True)
     dumps.write_runner_dump(d / f"step_{step:06d}", step=step, dump=dump, task=task,
                             tokenizer=tok, config=config, vocab_size=vocab)
-
-
-def _export(state, config, tok, workdir: pathlib.Path) -> pathlib.Path:
-    from espo_jax.models import save_pretrained  # noqa: PLC0415
-
-    out = workdir / "final_policy"
-    if out.exists():
-        shutil.rmtree(out)
-    save_pretrained(state.model(), str(out))
-    src = pathlib.Path(config.model.path)
-    copied = False
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and not (out / name).exists():
-            shutil.copy2(src / name, out / name)
-            copied = True
-    if not copied and not (out / "tokenizer.json").exists():
-        tok.save_pretrained(str(out))
-    return out
 
 
 def run(config, workdir) -> dict:
@@ -492,12 +253,14 @@ def run(config, workdir) -> dict:
                order=PromptOrder(len(task.train), int(config.seed)), score_fn=score_fn,
                train_step=train_step, batch_sharding=batch_sh, prompt_cache={}, mesh=mesh,
                lr_schedule=learning_rate_schedule(float(config.train.lr),
-                                                  int(config.train.warmup_steps)))
+                                                  int(config.train.warmup_steps)),
+               decode_fn=mesh_lib.sharded_decode_fn(mesh) if mesh is not None else None)
     eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 2**30)
 
     def run_eval(step):
         t = time.perf_counter()
-        m = evaluate(state.model(), task, tok, config, key=jax.random.fold_in(eval_key, step))
+        m = evaluate(state.model(), task, tok, config, key=jax.random.fold_in(eval_key, step),
+                     decode_fn=ctx.decode_fn)
         m["time_eval_s"] = time.perf_counter() - t
         return m
 
@@ -556,7 +319,7 @@ def run(config, workdir) -> dict:
     if jax.process_index() == 0:
         report.write_plots(workdir)
         report.write_summary(workdir, config, wall_time_s=wall)
-    out = _export(state, config, tok, workdir) if jax.process_index() == 0 else None
+    out = export_final_policy(state, config, tok, workdir)  # collective: every process
     recs = writers.read_metrics(workdir / "metrics.jsonl")
     accs = [(r["step"], r["eval_accuracy"]) for r in recs if "eval_accuracy" in r]
     print(f"Done: {step} steps in {wall:.1f} s; eval accuracy "

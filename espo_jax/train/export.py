@@ -1,0 +1,42 @@
+"""Export of the trained policy: a Hugging Face directory (weights + tokenizer files)."""
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+import jax
+
+from espo_jax.train.distributed import to_host
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def export_final_policy(state, config, tok, workdir: pathlib.Path) -> pathlib.Path | None:
+    """workdir/final_policy on process 0; None on the others. Call it on EVERY process:
+    the parameters are first gathered to host memory collectively (other hosts hold
+    shards that process 0 cannot read on its own)."""
+    host_state = state.replace(params=to_host(state.params), rest=to_host(state.rest))
+    if jax.process_index() != 0:
+        return None
+    return export_policy(host_state, config, tok, workdir)
+
+
+def export_policy(state, config, tok, workdir: pathlib.Path) -> pathlib.Path:
+    """Writes workdir/final_policy (HF weights + the tokenizer files); state on host."""
+    from espo_jax.models import save_pretrained  # noqa: PLC0415
+
+    out = workdir / "final_policy"
+    if out.exists():
+        shutil.rmtree(out)
+    save_pretrained(state.model(), str(out))
+    src = pathlib.Path(config.model.path)
+    copied = False
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and not (out / name).exists():
+            shutil.copy2(src / name, out / name)
+            copied = True
+    if not copied and not (out / "tokenizer.json").exists():
+        tok.save_pretrained(str(out))
+    return out
