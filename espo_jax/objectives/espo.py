@@ -20,8 +20,9 @@ from espo_jax.objectives.grouping import group_ids, num_group_ids
 from espo_jax.objectives.ratios import group_ratio_token_form, group_times_token_ratio
 
 
-def _group_stats(batch, delta, *, grouping, top_fraction, num_groups, entropy_edges):
-    """Per-token group statistics, all f32.
+def _group_stats(batch, delta, *, grouping, top_fraction, num_groups, entropy_edges, groups=None):
+    """Per-token group statistics, all f32. ``groups`` int32[B, T] (from ``entropy_groups``
+    on the same entropy and mask) skips the grouping; None computes it.
 
     Returns (member masks: list of K f32[B, T], or None in token mode; per-token mean
     log-ratio [B, T], mean entropy [B, T] and size [B, T] of the token's group; non-empty
@@ -31,7 +32,10 @@ def _group_stats(batch, delta, *, grouping, top_fraction, num_groups, entropy_ed
         return (None, delta, batch.entropy, batch.valid, batch.lengths.astype(jnp.float32), None)
     T = delta.shape[-1]
     K = num_group_ids(grouping, num_groups, entropy_edges, T)
-    g = group_ids(batch.entropy, batch.mask, grouping, top_fraction, num_groups, entropy_edges)
+    if groups is None:
+        g = group_ids(batch.entropy, batch.mask, grouping, top_fraction, num_groups, entropy_edges)
+    else:  # precomputed once per rollout (old entropy and mask are fixed during updates)
+        g = jnp.where(batch.mask, jnp.asarray(groups, jnp.int32), -1)
     # One [B, T] member mask per group (K is small and static): contiguous row reductions,
     # exact f32 (no dot products, which could run in TF32 on GPUs), no [B, T, K] tensor.
     # The last group's sums are the row totals minus the others' (one pass fewer).
@@ -68,11 +72,11 @@ def _eps(mean_entropy, *, clip_mode, alpha, vocab_size, eps_min, eps_max):
 
 
 def espo(batch, *, grouping, top_fraction, num_groups, entropy_edges, token_ratio, clip_mode,
-         alpha, vocab_size, eps_min, eps_max, clip_low, clip_high, max_log_ratio):
+         alpha, vocab_size, eps_min, eps_max, clip_low, clip_high, max_log_ratio, groups=None):
     delta = batch.logp - batch.old
     members, g_delta, g_ent, g_size, n_groups, per_group = _group_stats(
         batch, delta, grouping=grouping, top_fraction=top_fraction, num_groups=num_groups,
-        entropy_edges=entropy_edges)
+        entropy_edges=entropy_edges, groups=groups)
     eps_kw = dict(clip_mode=clip_mode, alpha=alpha, vocab_size=vocab_size, eps_min=eps_min, eps_max=eps_max)
     if clip_mode == "adaptive":
         eps = _eps(g_ent, **eps_kw)
@@ -94,16 +98,16 @@ def espo(batch, *, grouping, top_fraction, num_groups, entropy_edges, token_rati
     if members is not None:
         # Per group rank k, reusing the per-row sums: only the clip fraction needs a pass.
         clipped_f = jax.lax.stop_gradient(clipped.astype(jnp.float32))
-        inv_tokens = aggregation.safe_inverse(jnp.sum(batch.lengths))
+        n_tokens = jnp.sum(batch.lengths)
         for k, (tok, count, mean_ent, sum_ent) in enumerate(zip(members, *per_group)):
             if clip_mode == "adaptive":
                 eps_group = _eps(mean_ent, **eps_kw)
             else:
                 eps_group = jnp.full_like(mean_ent, 0.5 * (clip_low + clip_high))
             n_k = jnp.sum(count)
-            inv_k = aggregation.safe_inverse(n_k)
-            out[f"group{k}/entropy_mean"] = jax.lax.stop_gradient(jnp.sum(sum_ent) * inv_k)
+            # Ratios of sums: numerators and denominators add up over micro-batches.
+            out[f"group{k}/entropy_mean"] = metrics.ratio(jnp.sum(sum_ent), n_k)
             out[f"group{k}/eps_mean"] = metrics.masked_mean(eps_group, (count > 0).astype(jnp.float32))
-            out[f"group{k}/token_share"] = n_k * inv_tokens
-            out[f"group{k}/clip_frac"] = jnp.sum(tok * clipped_f) * inv_k
+            out[f"group{k}/token_share"] = metrics.ratio(n_k, n_tokens)
+            out[f"group{k}/clip_frac"] = metrics.ratio(jnp.sum(tok * clipped_f), n_k)
     return loss, weights, out

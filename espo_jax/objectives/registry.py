@@ -22,7 +22,7 @@ from espo_jax.objectives.grouping import validate_grouping
 from espo_jax.objectives.grpo import dapo, grpo
 from espo_jax.objectives.gspo import gspo
 from espo_jax.objectives.kl import k3
-from espo_jax.objectives.metrics import masked_mean
+from espo_jax.objectives import metrics as metrics_lib
 
 COMMON = {"max_log_ratio": 20.0, "beta": 0.0}
 
@@ -99,16 +99,33 @@ def resolve_hparams(name: str, hparams: Mapping[str, Any]) -> dict:
 
 
 def policy_loss(name: str, logp, old_logp, advantages, mask, entropy=None, *, ref_logp=None,
-                counts: Optional[batch_lib.BatchCounts] = None, **hparams):
+                counts: Optional[batch_lib.BatchCounts] = None, groups=None, token_weights=None,
+                **hparams):
     """Policy-gradient loss of objective `name` (see OBJECTIVES for hparams and defaults).
 
-    logp: f32[B, T] current log-probs (differentiable); old_logp: f32[B, T] sampler's;
-    advantages: f32[B] or f32[B, T]; mask: bool/f32[B, T]; entropy: f32[B, T] old-policy
-    entropy in nats (required by espo); ref_logp: f32[B, T] for the k3 KL term (beta > 0);
-    counts: BatchCounts of the full batch when `logp` is a micro-batch (sum of micro-batch
-    losses and gradients == full-batch loss and gradient).
+    logp: f32[B, T] current log-probs (differentiable); old_logp: f32[B, T] the scoring
+    pass's (pi_old); advantages: f32[B] or f32[B, T]; mask: bool/f32[B, T]; entropy:
+    f32[B, T] old-policy entropy in nats (required by espo); ref_logp: f32[B, T] for the k3
+    KL term (beta > 0); counts: BatchCounts of the full batch when `logp` is a micro-batch
+    (sum of micro-batch losses and gradients == full-batch loss and gradient).
+    groups: int32[B, T] ESPO entropy groups (``entropy_groups`` of the same entropy, mask
+    and grouping hparams), computed once per rollout; None = computed here. espo only.
+    token_weights: f32[B, T] stop-gradient per-token weights multiplying every objective's
+    per-token loss (rollout correction, ``rollout_correction_weights``); None = 1.
     Returns (loss f32[], metrics dict[str, f32[]]). bf16 inputs are computed in float32.
     """
+    loss, stats = policy_loss_stats(name, logp, old_logp, advantages, mask, entropy,
+                                    ref_logp=ref_logp, counts=counts, groups=groups,
+                                    token_weights=token_weights, **hparams)
+    return loss, metrics_lib.finalize(stats)
+
+
+def policy_loss_stats(name: str, logp, old_logp, advantages, mask, entropy=None, *,
+                      ref_logp=None, counts: Optional[batch_lib.BatchCounts] = None,
+                      groups=None, token_weights=None, **hparams):
+    """``policy_loss`` with its metrics as additive ``metrics.Stat``s (numerator and
+    denominator apart), for exact accumulation over micro-batches (``metrics.combine_stats``
+    of the stacked parts, then ``metrics.finalize``)."""
     hp = resolve_hparams(name, hparams)
     spec = OBJECTIVES[name]
     if spec.needs_entropy and entropy is None:
@@ -117,16 +134,31 @@ def policy_loss(name: str, logp, old_logp, advantages, mask, entropy=None, *, re
     if beta > 0 and ref_logp is None:
         raise ValueError(f"objective {name!r}: beta={beta} > 0 needs ref_logp (f32[B, T])")
     batch_lib.check_shapes(name, logp, old_logp, advantages, mask, entropy, ref_logp)
+    for key, arr in (("groups", groups), ("token_weights", token_weights)):
+        if arr is not None and jnp.shape(arr) != jnp.shape(logp):
+            raise ValueError(f"{name}: {key} has shape {jnp.shape(arr)} but logp has shape "
+                             f"{jnp.shape(logp)}; expected both [B, T]")
+    if groups is not None:
+        if name != "espo":
+            raise ValueError(f"objective {name!r}: groups= is only used by 'espo'")
+        hp["groups"] = groups
     batch = batch_lib.prepare(logp, old_logp, advantages, mask, entropy, ref_logp, counts)
-    token_loss, weights, metrics = spec.fn(batch, **hp)
-    pg_loss = jnp.sum(weights * token_loss)
+    token_loss, weights, stats = spec.fn(batch, **hp)
+    pg_weights = weights
+    if token_weights is not None:
+        # Per-token loss weights (stop-gradient). For sequence-level objectives whose token
+        # loss repeats the sequence's term (GMPO), sum_t w_t/(N L_i) * l_i applies the mean
+        # of the sequence's weights (exactly the sequence weight in 'sequence' mode).
+        tw = jax.lax.stop_gradient(jnp.where(batch.mask, jnp.asarray(token_weights, jnp.float32), 0.0))
+        pg_weights = weights * tw
+    pg_loss = jnp.sum(pg_weights * token_loss)
     loss = pg_loss
     if batch.ref is not None:
         kl = k3(batch.logp, batch.ref, hp["max_log_ratio"])
         kl_loss = jnp.sum(weights * kl)
-        metrics["kl"] = masked_mean(kl, batch.valid)
-        metrics["kl_loss"] = jax.lax.stop_gradient(kl_loss)
+        stats["kl"] = metrics_lib.masked_mean(kl, batch.valid)
+        stats["kl_loss"] = metrics_lib.total(kl_loss)
         if beta > 0:
             loss = loss + beta * kl_loss
-    metrics["pg_loss"] = jax.lax.stop_gradient(pg_loss)
-    return loss, metrics
+    stats["pg_loss"] = metrics_lib.total(pg_loss)
+    return loss, stats

@@ -3,7 +3,13 @@
 Batch layout (dict of arrays, leading dim B = sequences):
   prompt_tokens i32[B,P] (left padded), prompt_mask i32[B,P], tokens i32[B,T] (response),
   mask f32[B,T] (1 = response token that counts), old_logp f32[B,T], entropy f32[B,T]
-  (old policy, nats), advantages f32[B], and ref_logp f32[B,T] when the KL term is on.
+  (old policy, nats), advantages f32[B], and optionally ref_logp f32[B,T] (KL term on),
+  groups i32[B,T] (ESPO's entropy groups, computed once per rollout) and is_weights
+  f32[B,T] (rollout-correction weights, ``objectives.rollout_correction_weights``).
+
+Precision: the params are the f32 masters; the forward runs in the model's compute dtype
+(each layer casts its weights), the log-prob op takes compute-dtype operands with f32
+accumulation, gradients are accumulated over micro-batches in f32 and reach optax in f32.
 
 Both recompute hidden states over prompt + response in one forward pass and take log-probs
 and entropy of the response tokens with the chunked op at the sampling temperature (the
@@ -19,7 +25,8 @@ import optax
 from flax import nnx
 
 from espo_jax.ops import token_logprobs_and_entropy
-from espo_jax.objectives import batch_counts, policy_loss
+from espo_jax.objectives import batch_counts, combine_stats, finalize, policy_loss_stats
+from espo_jax.objectives.metrics import masked_extreme
 from espo_jax.train.state import TrainState
 
 # Pins activations' batch dim to ("data","fsdp") under an active mesh (FSDP as intended).
@@ -42,8 +49,8 @@ def response_logprobs(model, prompt_tokens, prompt_mask, tokens, *, chunk_size: 
                           jnp.ones_like(tokens[:, :-1], jnp.int32)], axis=1)
     ids, am = constrain_batch(ids), constrain_batch(am)
     hidden = constrain_batch(model.hidden_states(ids, attention_mask=am)[:, p - 1:])  # [B,T,D]
-    w = model.unembedding()
-    return token_logprobs_and_entropy(hidden.astype(jnp.float32), w.astype(jnp.float32),
+    # Operands in the compute dtype (bf16 x bf16 -> f32 on accelerators; exact f32 in f32).
+    return token_logprobs_and_entropy(hidden.astype(model.dtype), model.unembedding(),
                                       tokens.astype(jnp.int32), chunk_size=chunk_size,
                                       temperature=temperature)
 
@@ -98,23 +105,6 @@ def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_
                    out_shardings=(bs, bs))
 
 
-def _combine_metrics(ms: dict, weights) -> dict:
-    """Per-micro-batch scalar metrics [n] -> one value: min/max for *_min/*_max keys,
-    otherwise the mean weighted by each micro-batch's valid-token count."""
-    w = weights / jnp.maximum(weights.sum(), 1.0)
-    out = {}
-    for k, v in ms.items():
-        if v.ndim != 1:
-            continue
-        if k.endswith("_min"):
-            out[k] = v.min()
-        elif k.endswith("_max"):
-            out[k] = v.max()
-        else:
-            out[k] = (v * w).sum()
-    return out
-
-
 def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: dict, *,
                     chunk_size: int, temperature: float, micro_batch_size: int = 0,
                     state_shardings: TrainState | None = None, batch_sharding=None) -> Callable:
@@ -125,7 +115,9 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
     BatchCounts of the whole minibatch, so the sum equals the full-minibatch loss) ->
     non-finite check -> optax. A non-finite loss or gradient norm leaves params, optimizer
     state and step unchanged and sets metrics['nonfinite'] = 1.
-    metrics: dict of f32[] (loss, grad_norm, lr-free objective metrics, nonfinite);
+    metrics: dict of f32[] (loss, grad_norm, objective metrics, ratio_dev_max = max |r - 1|
+    of the token ratios before the update, nonfinite); every metric is combined exactly over
+    micro-batches (losses summed, ratios of sums kept as numerator / denominator);
     logp f32[B,T]: the current policy's log-probs before the update (for ratio dumps).
     """
 
@@ -134,11 +126,17 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
         logp, _ = response_logprobs(model, mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"],
                                     chunk_size=chunk_size, temperature=temperature)
         kw = dict(hparams)
-        if "ref_logp" in mb:
-            kw["ref_logp"] = mb["ref_logp"]
-        loss, metrics = policy_loss(objective, logp, mb["old_logp"], mb["advantages"],
-                                    mb["mask"], entropy=mb.get("entropy"), counts=counts, **kw)
-        return loss, (metrics, logp)
+        for key, arg in (("ref_logp", "ref_logp"), ("groups", "groups"),
+                         ("is_weights", "token_weights")):
+            if key in mb:
+                kw[arg] = mb[key]
+        loss, stats = policy_loss_stats(objective, logp, mb["old_logp"], mb["advantages"],
+                                        mb["mask"], entropy=mb.get("entropy"), counts=counts,
+                                        **kw)
+        valid = mb["mask"] != 0
+        dev = jnp.abs(jnp.exp(jnp.where(valid, logp - mb["old_logp"], 0.0)) - 1.0)
+        stats["ratio_dev_max"] = masked_extreme(dev, valid, "max")
+        return loss, (stats, logp)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -152,14 +150,15 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
         def body(acc, mb):
             # params/rest ride in the carry (see make_score_fn: NNX trace levels).
             params, rest, g_acc, l_acc = acc
-            (loss, (metrics, logp)), g = grad_fn(params, rest, state.graphdef, mb, counts)
+            (loss, (stats, logp)), g = grad_fn(params, rest, state.graphdef, mb, counts)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            weight = mb["mask"].astype(jnp.float32).sum()
-            return (params, rest, g_acc, l_acc + loss), (metrics, logp, weight)
+            return (params, rest, g_acc, l_acc + loss), (stats, logp)
 
-        (_, _, grads, loss), (ms, logp, weights) = jax.lax.scan(
+        (_, _, grads, loss), (stats, logp) = jax.lax.scan(
             body, (state.params, state.rest, zeros, jnp.zeros((), jnp.float32)), micro)
-        metrics = _combine_metrics(ms, weights)
+        metrics = finalize(combine_stats(stats))
+        # Accumulated in f32; they reach optax in the master params' dtype (f32 by default,
+        # model.param_dtype).
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
