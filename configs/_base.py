@@ -46,7 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_steps = 10
 
-    c.model = ml_collections.ConfigDict(dict(path="", dtype="float32", remat=False))
+    # dtype: compute dtype; param_dtype: the master weights and optimizer state (keep f32:
+    # bf16 masters round small updates away).
+    c.model = ml_collections.ConfigDict(dict(path="", dtype="float32", param_dtype="float32",
+                                             remat=False))
     c.task = ml_collections.ConfigDict(dict(
         name="arith", train_file="", eval_file="", num_train=2048, num_eval=64,
         # "{prompt}" is replaced by the example's prompt; "chat" uses the tokenizer's chat
@@ -54,7 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
         prompt_template="{prompt}", chat_user_template="{prompt}", num_reward_workers=0))
     c.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=16, group_size=8, max_new_tokens=32, temperature=1.0,
-        top_p=1.0, top_k=0))
+        # top_p < 1 / top_k > 0 make the scored old log-probs off-policy: refused for
+        # training unless allow_truncated_sampling.
+        top_p=1.0, top_k=0, allow_truncated_sampling=False))
+    # Truncated IS weights between the sampler's and the scoring pass's log-probs, applied
+    # to every objective's per-token loss: mode off | token | sequence.
+    c.rollout_correction = ml_collections.ConfigDict(dict(mode="off", threshold=2.0))
     c.objective = objective_block("espo")
     c.advantage = ml_collections.ConfigDict(dict(estimator="grpo", valid_only=False))
     c.train = ml_collections.ConfigDict(dict(
@@ -63,11 +71,16 @@ def base_config() -> ml_collections.ConfigDict:
         grad_clip=1.0, max_nonfinite_in_a_row=3, beta=0.0))
     c.dapo = ml_collections.ConfigDict(dict(
         dynamic_sampling=False, max_sampling_tries=3,
-        overlong=ml_collections.ConfigDict(dict(enable=False, max_len=0, buffer=0, penalty=1.0))))
+        # max_len 0 = rollout.max_new_tokens at run time; buffer 0 = buffer_frac * max_len.
+        overlong=ml_collections.ConfigDict(dict(enable=False, max_len=0, buffer=0,
+                                                buffer_frac=0.25, penalty=1.0))))
     c.eval = ml_collections.ConfigDict(dict(
         every=10, num_examples=64, num_samples=1, temperature=0.0, max_new_tokens=32,
         batch_size=0))  # num_samples = k of avg@k (k > 1 samples at eval.temperature)
     c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
+    # Storage dtype of the final policy: auto (the source checkpoint's torch_dtype),
+    # float32 or bfloat16.
+    c.export = ml_collections.ConfigDict(dict(dtype="auto"))
     c.score = ml_collections.ConfigDict(dict(chunk_size=1024))
     c.dump = ml_collections.ConfigDict(dict(every=0))  # rollout dumps under workdir/dumps/
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -86,9 +99,9 @@ def apply_objective(c: ml_collections.ConfigDict, name: str) -> None:
     if name == "dapo":
         c.dapo.dynamic_sampling = True
         c.dapo.overlong.enable = True
-        n = c.rollout.max_new_tokens
-        c.dapo.overlong.max_len = n
-        c.dapo.overlong.buffer = max(1, n // 4)
+        # Follow rollout.max_new_tokens at run time (also when overridden on the command line).
+        c.dapo.overlong.max_len = 0
+        c.dapo.overlong.buffer = 0
 
 
 def parse_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[set[str], str | None]:

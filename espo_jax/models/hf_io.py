@@ -72,10 +72,13 @@ def _weight_files(path: str) -> dict[str, str]:
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh=None,
-                    rules=None, param_dtype: Any = None, **config_overrides) -> Decoder:
+                    rules=None, param_dtype: Any = jnp.float32, **config_overrides) -> Decoder:
   """Loads an HF directory (config.json + *.safetensors) into a `Decoder`.
 
-  dtype: compute dtype ("bfloat16", "float32", or a jnp dtype); param_dtype defaults to it.
+  dtype: compute dtype ("bfloat16", "float32", or a jnp dtype). param_dtype: storage dtype
+    of the parameters (the master weights), float32 by default whatever the compute dtype:
+    bf16 masters would round small updates away (lr 1e-6 is below half a bf16 ulp of most
+    weights). Pass param_dtype=dtype for an inference-only bf16 copy.
   mesh/rules: when a mesh is given, each tensor is read (memory-mapped, only the slices a
     device needs) straight onto NamedSharding(mesh, rules[logical axes]); rules default to
     `espo_jax.models.sharding.DEFAULT_RULES`. Without a mesh, plain `jax.device_put`.
@@ -86,7 +89,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh=
     raise FileNotFoundError(f"checkpoint directory not found: {path}")
   cfg = ModelConfig.from_hf(path, **config_overrides)
   dtype = canonical_dtype(dtype)
-  param_dtype = canonical_dtype(param_dtype) if param_dtype is not None else dtype
+  param_dtype = canonical_dtype(param_dtype if param_dtype is not None else jnp.float32)
   files = _weight_files(path)
 
   abstract = nnx.eval_shape(
@@ -139,6 +142,18 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh=
 
 # -- saving -----------------------------------------------------------------------------
 
+def source_dtype(path: str | os.PathLike) -> str | None:
+  """The storage dtype named in an HF directory's config.json (`torch_dtype`, or `dtype`
+  in newer transformers), or None when it names none."""
+  cfg_file = os.path.join(os.fspath(path), "config.json")
+  if not os.path.isfile(cfg_file):
+    return None
+  with open(cfg_file) as f:
+    cfg = json.load(f)
+  name = cfg.get("torch_dtype") or cfg.get("dtype")
+  return str(name) if name else None
+
+
 def _parse_size(size) -> int:
   if isinstance(size, (int, np.integer)):
     return int(size)
@@ -161,7 +176,9 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, max_shard_size="
                     dtype: Any = None, copy_files_from: str | os.PathLike | None = None) -> None:
   """Writes config.json + safetensors (sharded with an index above `max_shard_size`).
 
-  dtype: storage dtype (default: each parameter's own dtype). copy_files_from: a source HF
+  dtype: storage dtype: None (each parameter's own dtype), "float32", "bfloat16", or "auto"
+  (the source checkpoint's `torch_dtype`/`dtype` in `copy_files_from`'s config.json, else
+  each parameter's own). copy_files_from: a source HF
   directory whose tokenizer / generation files are copied alongside, so the result is a
   complete checkpoint for transformers, vLLM or lm-eval.
   """
@@ -175,6 +192,8 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, max_shard_size="
       if os.path.isfile(os.path.join(src, fn)):
         shutil.copyfile(os.path.join(src, fn), os.path.join(path, fn))
   limit = _parse_size(max_shard_size)
+  if isinstance(dtype, str) and dtype == "auto":
+    dtype = source_dtype(copy_files_from) if copy_files_from is not None else None
   store = canonical_dtype(dtype) if dtype is not None else None
 
   # Plan shards from shapes alone, then gather one shard at a time to bound host memory.

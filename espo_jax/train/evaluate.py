@@ -12,17 +12,19 @@ import numpy as np
 
 from espo_jax.rollout import generate
 from espo_jax.train.distributed import to_host
-from espo_jax.train.tasks import Task, decode_responses, encode_prompts
+from espo_jax.train.tasks import Task, decode_responses, encode_prompts, stop_token_ids
 
 
 def evaluate(model, task: Task, tokenizer, config, *, key: jax.Array, decode_fn=None) -> dict:
     """Metrics dict: eval_accuracy, eval_response_len_mean, eval_gradable_frac, eval_num.
-    ``decode_fn``: the sampler to use (e.g. ``mesh.sharded_decode_fn(mesh)``; None: default)."""
+    ``decode_fn``: the sampler to use (e.g. ``mesh.sharded_decode_fn(mesh)``; None: default).
+    Stops on ``tasks.stop_token_ids`` (tokenizer EOS + generation_config.json's)."""
     ecfg = config.eval
     examples = task.eval[: max(1, int(ecfg.num_examples))]
     k = max(1, int(ecfg.num_samples))
     temperature = float(ecfg.temperature) if k > 1 else 0.0
     prompts = encode_prompts(examples, config.task, tokenizer)
+    stop_ids = stop_token_ids(tokenizer, config.model.path)
     bs = int(ecfg.batch_size) if ecfg.batch_size and ecfg.batch_size > 0 else len(prompts)
     rewards, gradable, lengths = [], [], []
     for start in range(0, len(prompts), bs):
@@ -31,7 +33,7 @@ def evaluate(model, task: Task, tokenizer, config, *, key: jax.Array, decode_fn=
         chunk = chunk + [chunk[-1]] * (bs - n_real)       # constant shape -> one compile
         ro = generate(model, chunk, max_new_tokens=int(ecfg.max_new_tokens),
                       temperature=temperature, key=jax.random.fold_in(key, start),
-                      eos_id=tokenizer.eos_token_id, num_samples=k,
+                      eos_id=stop_ids, num_samples=k,
                       pad_id=tokenizer.pad_token_id, decode_fn=decode_fn)
         tokens, mask = to_host((ro.tokens, ro.mask))        # rows may live on other hosts
         tokens, mask = tokens[: n_real * k], mask[: n_real * k]

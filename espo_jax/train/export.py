@@ -27,11 +27,17 @@ def export_policy(state, config, tok, workdir: pathlib.Path) -> pathlib.Path:
     """Writes workdir/final_policy (HF weights + the tokenizer files); state on host."""
     from espo_jax.models import save_pretrained  # noqa: PLC0415
 
+    from espo_jax.models.hf_io import source_dtype  # noqa: PLC0415
+
     out = workdir / "final_policy"
     if out.exists():
         shutil.rmtree(out)
-    save_pretrained(state.model(), str(out))
     src = pathlib.Path(config.model.path)
+    # export.dtype: "auto" stores in the source checkpoint's dtype (else the masters' own).
+    dtype = config.export.dtype
+    if dtype == "auto":
+        dtype = source_dtype(src)
+    save_pretrained(state.model(), str(out), dtype=dtype)
     copied = False
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and not (out / name).exists():

@@ -8,9 +8,13 @@ One step k (k = 1..num_steps), everything derived from (seed, k):
      rewards and refills from seeded extra draws (bounded tries);
   3. rewards (+ DAPO overlong shaping);
   4. scoring pass: old log-probs and old-policy entropy at the sampling temperature
-     (+ reference log-probs when train.beta > 0);
+     (+ reference log-probs when train.beta > 0); then, once per rollout, the
+     sampler-vs-scorer check, ESPO's entropy groups and the rollout-correction weights
+     (``score_phase``);
   5. advantages (objectives.compute_advantages);
-  6. num_epochs x num_minibatches jitted updates (exact micro-batch accumulation);
+  6. num_epochs x num_minibatches jitted updates (exact micro-batch accumulation); update
+     u = epoch * num_minibatches + j records ``minibatch{u}/...`` (clip fractions, ratio
+     deviation); update 0 is on-policy (``first_minibatch/ratio_dev_max`` ~ 0);
   7. the metrics record ``step = k``; greedy eval every eval.every steps (also at step 0,
      before the first update, and after the last); checkpoint every checkpoint.every steps
      and at the end. A workdir with a checkpoint resumes from it; SIGTERM finishes the
@@ -38,11 +42,12 @@ from espo_jax.train.evaluate import evaluate
 from espo_jax.train.export import TOKENIZER_FILES, export_final_policy  # noqa: F401 (re-export)
 from espo_jax.train.optim import learning_rate_schedule, make_optimizer
 from espo_jax.train.rollout_phase import PromptOrder, collect  # noqa: F401 (re-export)
+from espo_jax.train.score_phase import score_extras
 from espo_jax.train.setup import (_mesh_lib, batch_axes_size, load_policy,  # noqa: F401
                                   objective_hparams, validate)
 from espo_jax.train.state import create_state, state_shardings
 from espo_jax.train.step import make_score_fn, make_train_step
-from espo_jax.train.tasks import build_task
+from espo_jax.train.tasks import build_task, stop_token_ids
 
 
 class NonFiniteError(RuntimeError):
@@ -64,6 +69,8 @@ class _Ctx:
     mesh: object = None
     lr_schedule: object = None
     decode_fn: object = None  # the rollout's sharded sampler (None: the default jitted one)
+    stop_ids: tuple = ()      # stop tokens: tokenizer EOS + generation_config.json's
+    hparams: dict = dataclasses.field(default_factory=dict)  # the objective's
 
 
 def _to_device(ctx: _Ctx, tree):
@@ -98,8 +105,20 @@ class _Stop:
             signal.signal(signal.SIGTERM, self._old)
 
 
+# Per-update metrics also recorded under minibatch{u}/ (u = update index within the step):
+# on-policy and off-policy updates are then seen apart instead of averaged together.
+def _per_update_key(k: str) -> bool:
+    return "clip_frac" in k or k == "ratio_dev_max"
+
+
 def _mean_metrics(records: list[dict]) -> dict:
+    """Means over the step's updates (min/max for *_min/*_max keys), plus each update's
+    clip fractions / ratio deviation under minibatch{u}/ and first_minibatch/."""
     out = {}
+    for u, r in enumerate(records):
+        out.update({f"minibatch{u}/{k}": float(v) for k, v in r.items() if _per_update_key(k)})
+    out["first_minibatch/ratio_dev_max"] = float(records[0]["ratio_dev_max"])
+    out["first_minibatch/clip_frac"] = float(records[0]["clip_frac"])
     for k in records[0]:
         vals = np.asarray([float(r[k]) for r in records])
         if k.endswith("_min"):
@@ -130,11 +149,12 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
                              gradable=jnp.asarray(batch["gradable"]),
                              valid_only=bool(cfg.advantage.valid_only))
     old_logp, entropy, adv = to_host(old_logp), to_host(entropy), to_host(adv)
+    extra, score_metrics = score_extras(cfg, ctx.hparams, batch, old_logp, entropy)
     t2 = time.perf_counter()
 
     full = dict(prompt_tokens=batch["prompt_tokens"], prompt_mask=batch["prompt_mask"],
                 tokens=batch["tokens"], mask=batch["mask"], old_logp=old_logp,
-                entropy=entropy, advantages=adv.astype(np.float32))
+                entropy=entropy, advantages=adv.astype(np.float32), **extra)
     if ref_logp is not None:
         full["ref_logp"] = to_host(ref_logp)
     bsz = batch["tokens"].shape[0]
@@ -181,7 +201,7 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
         advantage_abs_mean=float(np.abs(adv).mean()),
         lr=float(ctx.lr_schedule(int(state.step))), optimizer_steps=int(state.step),
         time_rollout_s=t1 - t0, time_score_s=t2 - t1, time_update_s=t3 - t2,
-        **info)
+        **score_metrics, **info)
     dump = dict(batch, old_logp=old_logp, entropy=entropy, advantages=adv,
                 ratios=np.exp(np.where(mask > 0, last_logp - old_logp, 0.0)))
     return state, metrics, dump, nonfinite_run
@@ -242,8 +262,9 @@ def run(config, workdir) -> dict:
         state.graphdef, chunk_size=chunk, temperature=temp, micro_batch_size=micro,
         param_shardings=None if shardings is None else shardings.params,
         rest_shardings=None if shardings is None else shardings.rest, batch_sharding=batch_sh)
+    hparams = objective_hparams(config, vocab)
     train_step = make_train_step(
-        tx, config.objective.name, objective_hparams(config, vocab), chunk_size=chunk,
+        tx, config.objective.name, hparams, chunk_size=chunk,
         temperature=temp, micro_batch_size=micro, state_shardings=shardings,
         batch_sharding=batch_sh)
     if mesh is not None and hasattr(mesh_lib, "under_mesh"):  # trace under the mesh
@@ -254,12 +275,14 @@ def run(config, workdir) -> dict:
                train_step=train_step, batch_sharding=batch_sh, prompt_cache={}, mesh=mesh,
                lr_schedule=learning_rate_schedule(float(config.train.lr),
                                                   int(config.train.warmup_steps)),
-               decode_fn=mesh_lib.sharded_decode_fn(mesh) if mesh is not None else None)
+               decode_fn=mesh_lib.sharded_decode_fn(mesh) if mesh is not None else None,
+               stop_ids=tuple(stop_token_ids(tok, config.model.path)), hparams=hparams)
     eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 2**30)
 
     def run_eval(step):
         t = time.perf_counter()
-        m = evaluate(state.model(), task, tok, config, key=jax.random.fold_in(eval_key, step),
+        m = evaluate(state.compute_model(), task, tok, config,
+                     key=jax.random.fold_in(eval_key, step),
                      decode_fn=ctx.decode_fn)
         m["time_eval_s"] = time.perf_counter() - t
         return m

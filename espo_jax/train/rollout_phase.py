@@ -3,8 +3,8 @@ dynamic sampling (drop prompt groups whose rewards are all equal, refill from se
 draws). Everything here is host numpy except the sampler call itself.
 
 The functions take the loop's context ``ctx`` (``espo_jax.train.loop._Ctx``): config, task,
-tok, order (``PromptOrder``), prompt_cache (index -> token ids) and decode_fn (the
-mesh-sharded sampler, or None).
+tok, order (``PromptOrder``), prompt_cache (index -> token ids), stop_ids (the stop tokens,
+``tasks.stop_token_ids``) and decode_fn (the mesh-sharded sampler, or None).
 """
 from __future__ import annotations
 
@@ -59,22 +59,23 @@ def _concat_rollouts(parts: list[dict], pad_id: int) -> dict:
     return out
 
 
-def sample_groups(ctx, state, indices: list[int], key) -> dict:
-    """G responses for each prompt index, decoded and scored (host numpy arrays)."""
+def sample_groups(ctx, policy, indices: list[int], key) -> dict:
+    """G responses for each prompt index, decoded and scored (host numpy arrays).
+    ``policy``: the model to sample from (the state's compute-dtype copy)."""
     cfg = ctx.config
     r = cfg.rollout
     missing = [i for i in indices if i not in ctx.prompt_cache]
     if missing:
         enc = encode_prompts([ctx.task.train[i] for i in missing], cfg.task, ctx.tok)
         ctx.prompt_cache.update(zip(missing, enc))
-    ro = generate(state.model(), [ctx.prompt_cache[i] for i in indices],
+    ro = generate(policy, [ctx.prompt_cache[i] for i in indices],
                   max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
                   key=key, top_p=float(r.top_p), top_k=int(r.top_k),
-                  eos_id=ctx.tok.eos_token_id, num_samples=int(r.group_size),
+                  eos_id=ctx.stop_ids, num_samples=int(r.group_size),
                   pad_id=ctx.tok.pad_token_id, decode_fn=ctx.decode_fn)
     # Rows may be split over the mesh (and hosts): gather them on every host.
-    prompt_tokens, prompt_mask, tokens, mask = to_host(
-        (ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask))
+    prompt_tokens, prompt_mask, tokens, mask, sampler_logp = to_host(
+        (ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs))
     mask = mask.astype(np.float32)
     examples = [ctx.task.train[i] for i in indices for _ in range(r.group_size)]
     texts = decode_responses(tokens, mask, ctx.tok)
@@ -83,10 +84,13 @@ def sample_groups(ctx, state, indices: list[int], key) -> dict:
     lengths = mask.sum(-1)
     ov = cfg.dapo.overlong
     if ov.enable:
-        from espo_jax.rewards import overlong_penalty  # noqa: PLC0415
-        max_len = int(ov.max_len) if ov.max_len > 0 else int(r.max_new_tokens)
-        rewards = rewards + overlong_penalty(lengths, max_len, int(ov.buffer), float(ov.penalty))
-    return dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens, mask=mask, rewards=rewards.astype(np.float32),
+        from espo_jax.rewards import overlong_budget, overlong_penalty  # noqa: PLC0415
+        max_len, buffer = overlong_budget(int(ov.max_len), int(ov.buffer),
+                                          float(ov.buffer_frac), int(r.max_new_tokens))
+        rewards = rewards + overlong_penalty(lengths, max_len, buffer, float(ov.penalty))
+    return dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens, mask=mask,
+                sampler_logp=np.where(mask > 0, sampler_logp, 0.0).astype(np.float32),
+                rewards=rewards.astype(np.float32),
                 correct=correct.astype(np.float32), gradable=gradable,
                 group_index=np.repeat(np.asarray(indices), r.group_size), texts=texts)
 
@@ -96,7 +100,8 @@ def collect(ctx, state, step: int) -> tuple[dict, dict]:
     cfg = ctx.config
     p, g = int(cfg.rollout.prompts_per_step), int(cfg.rollout.group_size)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
-    first = sample_groups(ctx, state, ctx.order.step(step, p), key)
+    policy = state.compute_model()  # one compute-dtype copy per rollout
+    first = sample_groups(ctx, policy, ctx.order.step(step, p), key)
     info = {}
     if not cfg.dapo.dynamic_sampling:
         return first, info
@@ -118,7 +123,7 @@ def collect(ctx, state, step: int) -> tuple[dict, dict]:
         if n_kept >= p or tries >= int(cfg.dapo.max_sampling_tries):
             break
         tries += 1
-        batch = sample_groups(ctx, state, ctx.order.refill(step, tries, p),
+        batch = sample_groups(ctx, policy, ctx.order.refill(step, tries, p),
                                jax.random.fold_in(key, tries))
     filled = max(0, p - n_kept)
     groups = kept[:p] + dropped[:filled]

@@ -56,6 +56,26 @@ def validate(config, mesh=None) -> None:
         raise ValueError(f"num_steps must be >= 0, got {config.num_steps}")
     if config.objective.name not in config.objective:
         raise ValueError(f"objective.name={config.objective.name!r} has no objective.{config.objective.name} block")
+    if not r.allow_truncated_sampling:
+        # The scoring pass takes log-probs of the untruncated distribution: with a nucleus /
+        # top-k filter the sampler's distribution differs, so the 'old' policy is off-policy.
+        if r.top_p < 1.0:
+            raise ValueError(f"rollout.top_p={r.top_p} < 1 makes the old log-probs off-policy; "
+                             "set rollout.allow_truncated_sampling=True to train anyway")
+        if r.top_k > 0:
+            raise ValueError(f"rollout.top_k={r.top_k} > 0 makes the old log-probs off-policy; "
+                             "set rollout.allow_truncated_sampling=True to train anyway")
+    rc = config.rollout_correction
+    if rc.mode not in ("off", "token", "sequence"):
+        raise ValueError(f"rollout_correction.mode must be 'off', 'token' or 'sequence', "
+                         f"got {rc.mode!r}")
+    if not rc.threshold > 0:
+        raise ValueError(f"rollout_correction.threshold must be > 0, got {rc.threshold}")
+    if config.export.dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"export.dtype must be 'auto', 'float32' or 'bfloat16', "
+                         f"got {config.export.dtype!r}")
+    _dtype(config.model.param_dtype, "model.param_dtype")
+    _dtype(config.model.dtype, "model.dtype")
 
 
 def objective_hparams(config, vocab_size: int) -> dict:
@@ -70,11 +90,11 @@ def objective_hparams(config, vocab_size: int) -> dict:
     return hp
 
 
-def _dtype(name: str):
+def _dtype(name: str, key: str = "model.dtype"):
     try:
         return jnp.dtype(name)
     except TypeError as e:
-        raise ValueError(f"model.dtype: unknown dtype {name!r}") from e
+        raise ValueError(f"{key}: unknown dtype {name!r}") from e
 
 
 def load_policy(config, mesh, mesh_lib):
@@ -99,6 +119,9 @@ def load_policy(config, mesh, mesh_lib):
             kw["rules"] = rules
     if config.model.remat:
         kw["remat"] = True  # ModelConfig override: rematerialise each layer in training
-    model = from_pretrained(str(path), dtype=_dtype(config.model.dtype), **kw)
+    # Compute in model.dtype; master weights (and so the optimizer state) in model.param_dtype.
+    model = from_pretrained(str(path), dtype=_dtype(config.model.dtype),
+                            param_dtype=_dtype(config.model.param_dtype, "model.param_dtype"),
+                            **kw)
     data_lib.check_vocab(tok, int(model.config.vocab_size))
     return model, tok

@@ -31,6 +31,24 @@ class TrainState:
         """The policy as an nnx module (``params`` overrides, e.g. the reference)."""
         return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)
 
+    def compute_model(self):
+        """The policy with its float params cast ONCE to the compute dtype (``model.dtype``),
+        for the rollout and evaluation: the sampler then reads bf16 weights at every decode
+        step instead of casting the f32 masters per token. The state's own arrays when the
+        dtypes already agree (e.g. float32 compute)."""
+        model = self.model()
+        dt = jnp.dtype(model.dtype)
+
+        def cast(x):
+            if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt:
+                return x.astype(dt)
+            return x
+
+        if all(x.dtype == dt or not jnp.issubdtype(x.dtype, jnp.floating)
+               for x in jax.tree.leaves(self.params)):
+            return model
+        return nnx.merge(self.graphdef, jax.tree.map(cast, self.params), self.rest)
+
 
 def split_model(model: nnx.Module):
     """(graphdef, params, rest) with params = the ``nnx.Param`` state."""

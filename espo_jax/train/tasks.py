@@ -13,6 +13,8 @@ chat template with the generation prompt.
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -105,3 +107,20 @@ def decode_responses(tokens: np.ndarray, mask: np.ndarray, tokenizer) -> list[st
     lens = np.asarray(mask).sum(-1).astype(int)
     return tokenizer.batch_decode([list(t[:n]) for t, n in zip(np.asarray(tokens), lens)],
                                   skip_special_tokens=True)
+
+
+def stop_token_ids(tokenizer, model_dir) -> list[int]:
+    """Sorted union of the tokenizer's EOS and ``generation_config.json``'s ``eos_token_id``
+    (an int or a list) in ``model_dir``: chat models end turns with a token (Qwen's
+    ``<|im_end|>``) that is not the tokenizer's EOS. Used by rollouts and evaluation."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    path = pathlib.Path(model_dir) / "generation_config.json" if model_dir else None
+    if path is not None and path.is_file():
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(int(e) for e in eos)
+    return sorted(ids)
