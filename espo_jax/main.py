@@ -21,24 +21,29 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a configs/*.py file, optionally with ':arg' (e.g. ':smoke').",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots "
-                               "(local or gs://...).")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for configuration errors too "
-                           "(also ESPO_DEBUG=1).")
-flags.mark_flags_as_required(["config", "workdir"])
 
+def define_flags(fv: flags.FlagValues) -> None:
+    """--config, --workdir, --debug on ``fv`` (the global FLAGS; tests pass a fresh one)."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Path to a configs/*.py file, optionally with ':arg' (e.g. ':smoke').",
+        flag_values=fv, lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots "
+                        "(local or gs://...).", flag_values=fv)
+    flags.DEFINE_bool("debug", False, "Show tracebacks for configuration errors too "
+                      "(also ESPO_DEBUG=1).", flag_values=fv)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
+define_flags(flags.FLAGS)
 USAGE_EXIT = 2
 
 
-def _debug(argv=None) -> bool:
+def _debug(argv=None, fv: flags.FlagValues = flags.FLAGS) -> bool:
     if os.environ.get("ESPO_DEBUG", "") not in ("", "0"):
         return True
     if argv is not None:
         return any(a in ("--debug", "--debug=true", "--debug=True", "--debug=1") for a in argv)
-    return bool(flags.FLAGS.is_parsed() and _DEBUG.value)
+    return bool(fv.is_parsed() and fv["debug"].value)
 
 
 def one_line(msg: str) -> str:
@@ -70,10 +75,10 @@ def _flag_error(e: Exception, argv: list[str]) -> str:
     return msg
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], fv: flags.FlagValues = flags.FLAGS) -> list[str]:
     """absl flag parsing with one-line errors (exit 2) instead of absl's usage dump."""
     try:
-        return flags.FLAGS(argv)
+        return fv(argv)
     except (flags.Error, AttributeError, ValueError, TypeError, KeyError) as e:
         if _debug(argv):
             raise
@@ -81,23 +86,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     return []
 
 
-def main(argv):
+def main(argv, fv: flags.FlagValues = flags.FLAGS):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; flags are --config, --workdir, "
              "--config.<key>=<value>, --debug")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 for it
+    if "verbosity" in fv and not fv["verbosity"].present:  # orbax logs every save at INFO; -v 0 for it
         logging.set_verbosity(logging.WARNING)
     from espo_jax.train import run  # noqa: PLC0415  (after flags: keep --help fast)
     from espo_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
     from espo_jax.train.loop import NonFiniteError  # noqa: PLC0415
 
     try:
-        run(_CONFIG.value, _WORKDIR.value)
+        run(fv["config"].value, fv["workdir"].value)
     except NonFiniteError as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         return 1
     except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError) as e:
-        if _debug():
+        if _debug(fv=fv):
             raise
         fail(_describe(e))
     return 0
