@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.advantage = ml_collections.ConfigDict(dict(estimator="grpo", valid_only=False))
     c.train = ml_collections.ConfigDict(dict(
         num_epochs=1, num_minibatches=2, micro_batch_size=0,  # 0 = whole minibatch at once
+        # > 0: micro-batch = this many rows per batch device (overrides micro_batch_size),
+        # so one config fits any mesh size
+        micro_batch_per_device=0,
         lr=1e-6, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
         grad_clip=1.0, max_nonfinite_in_a_row=3, beta=0.0))
     c.dapo = ml_collections.ConfigDict(dict(
@@ -88,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(dict(
         initialize=False, coordinator_address="", num_processes=0, process_id=-1))
     c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))
+    # Resuming refuses changes to model/objective/advantage/task/mesh/seed unless listed
+    # here (comma-separated keys or prefixes, e.g. "objective.espo.alpha,task").
+    c.resume = ml_collections.ConfigDict(dict(allow_changes=""))
     return c
 
 

@@ -51,7 +51,10 @@ def get_config(arg: str | None = None):
     c.rollout.temperature = 1.0
     c.train.num_epochs = 1
     c.train.num_minibatches = 4
-    c.train.micro_batch_size = 16
+    # Per device, so the same config fits any mesh: 2 rows x (data x fsdp) devices per
+    # micro-batch (16 on 8 chips, 64 on 32); the 256-row minibatch must divide by it.
+    c.train.micro_batch_size = 0
+    c.train.micro_batch_per_device = 2
     c.train.lr = 1e-6
     c.train.warmup_steps = 0
     c.train.weight_decay = 0.01
@@ -81,6 +84,7 @@ def get_config(arg: str | None = None):
         c.rollout.max_new_tokens = 8
         c.train.num_minibatches = 2
         c.train.micro_batch_size = 2
+        c.train.micro_batch_per_device = 0
         c.train.lr = 1e-4
         c.eval.every = 2
         c.eval.num_examples = 4

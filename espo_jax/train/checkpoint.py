@@ -2,7 +2,11 @@
 
 - Atomic: orbax writes into a temporary directory and renames it when complete, so a run
   killed mid-save leaves the previous checkpoint intact (the partial one is ignored).
+- Asynchronous: ``save`` returns once the arrays are copied to host memory and the write
+  overlaps the next steps; ``wait()`` (and ``close()``) block until it is on disk, so the
+  loop waits before it exits (a preemption notice is ~30 s).
 - Keep the last ``keep``; the loop always saves one at the end (and on SIGTERM).
+- Any directory ``etils.epath`` / orbax accept: local or ``gs://``.
 - Restore walks checkpoints newest first; one that fails to load (corrupt or truncated) is
   skipped with a loud warning. If none loads, a clear error: never a silent restart.
 - Sharded and multi-host safe: arrays restore directly into the shardings of the freshly
@@ -11,11 +15,12 @@
 from __future__ import annotations
 
 import logging
-import pathlib
+import os
 import warnings
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -62,37 +67,50 @@ def _abstract(leaf):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
 
 
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be restored (reported as a one-line user error)."""
+
+
 class Checkpointer:
     """``save(step, state, meta)``, ``restore(target_state) -> (step, state, meta) | None``."""
 
-    def __init__(self, directory: str | pathlib.Path, *, keep: int = 2):
-        self.directory = pathlib.Path(directory).resolve()
+    def __init__(self, directory, *, keep: int = 2, async_save: bool = True):
+        d = os.fspath(directory)
+        self.directory = epath.Path(d if "://" in d else os.path.abspath(d))
         opts = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
-                                            enable_async_checkpointing=False,
+                                            enable_async_checkpointing=bool(async_save),
                                             cleanup_tmp_directories=True)
         self._mgr = ocp.CheckpointManager(self.directory, options=opts,
                                           item_names=("state", "meta"))
+        self._saved: set[int] = set()  # steps saved by this process (an async one may be
+        #                                in flight and not yet listed by all_steps)
 
     def all_steps(self) -> list[int]:
-        return sorted(self._mgr.all_steps())
+        return sorted(set(self._mgr.all_steps()) | self._saved)
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
     def save(self, step: int, state, meta: dict) -> None:
-        if step in self._mgr.all_steps():
+        """Start saving ``step`` (every process calls it); returns before the write ends."""
+        if step in self.all_steps():
             return
         self._mgr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_to_nested(_pytree(state))),
             meta=ocp.args.JsonSave(dict(meta, step=int(step)))), force=True)
+        self._saved.add(int(step))
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
         self._mgr.wait_until_finished()
 
     def restore(self, target_state):
         """Newest loadable checkpoint into ``target_state``'s structure and shardings, or
         None when the directory has no checkpoint. Raises RuntimeError when checkpoints
         exist but none can be loaded."""
-        steps = self.all_steps()
+        self.wait()
+        steps = sorted(self._mgr.all_steps())
         if not steps:
             return None
         tree = _pytree(target_state)
@@ -118,10 +136,11 @@ class Checkpointer:
                 params=restored["params"], opt_state=restored["opt_state"],
                 step=restored["step"], rest=restored["rest"], ref_params=restored["ref_params"])
             return step, state, dict(out["meta"])
-        raise RuntimeError(
+        last = str(errors[-1][1]).splitlines()[0][:200] if str(errors[-1][1]) else ""
+        raise CheckpointError(
             f"checkpoint directory {self.directory} has checkpoints {steps} but none could be "
-            f"restored (last error: {type(errors[-1][1]).__name__}: {errors[-1][1]}). Refusing to "
-            "restart from scratch: fix or remove the directory (or use a new --workdir).")
+            f"restored (last error: {type(errors[-1][1]).__name__}: {last}); refusing to "
+            "restart from scratch: fix or remove the directory (or use a new --workdir)")
 
     def close(self) -> None:
         self._mgr.wait_until_finished()

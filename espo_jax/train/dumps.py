@@ -30,12 +30,14 @@ config.json (ESPO defaults otherwise) and decodes token strings when given a tok
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import pathlib
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 
 REQUIRED = ("response_tokens", "mask", "entropy", "group_ids", "ratios", "rewards")
 _RENAMES = {"tokens": "response_tokens", "group_index": "prompt_index"}
@@ -70,15 +72,15 @@ class Dump:
         return list(toks) if toks is not None else [""] * n
 
 
-def _stem(path) -> pathlib.Path:
-    p = pathlib.Path(path)
+def _stem(path) -> epath.Path:
+    p = epath.Path(path)
     return p.with_suffix("") if p.suffix in (".npz", ".jsonl") else p
 
 
 def write_dump(path, *, step: int, prompts: Sequence[str], response_tokens, response_text:
                Sequence[str], entropy, group_ids, ratios, rewards, mask, answers=None,
                token_strings: Sequence[Sequence[str]] | None = None, meta: dict | None = None,
-               **extra_arrays) -> pathlib.Path:
+               **extra_arrays) -> epath.Path:
     """Write ``<path>.npz`` + ``<path>.jsonl`` (see the module docstring); returns the stem.
 
     prompts / response_text / answers: one string per row (B). token_strings: per row, the
@@ -104,9 +106,10 @@ def write_dump(path, *, step: int, prompts: Sequence[str], response_tokens, resp
     for k, v in extra_arrays.items():
         if v is not None:
             arrays[k] = np.asarray(v)
-    np.savez_compressed(stem.with_suffix(".npz"), step=np.int64(step),
-                        meta_json=np.asarray(json.dumps(meta or {}, default=_json_default)),
-                        **arrays)
+    with stem.with_suffix(".npz").open("wb") as fh:  # epath: a local or gs:// workdir
+        np.savez_compressed(fh, step=np.int64(step),
+                            meta_json=np.asarray(json.dumps(meta or {}, default=_json_default)),
+                            **arrays)
     pidx = arrays.get("prompt_index")
     with stem.with_suffix(".jsonl").open("w") as f:
         for i in range(B):
@@ -163,7 +166,7 @@ def compute_group_ids(entropy, mask, meta: dict) -> np.ndarray:
 
 
 def write_runner_dump(path, *, step: int, dump: dict, task, tokenizer, config,
-                      vocab_size: int | None = None) -> pathlib.Path:
+                      vocab_size: int | None = None) -> epath.Path:
     """Write a dump from the runner's per-step dict (``loop._rl_step``'s ``dump``):
     prompt_tokens, prompt_mask, tokens, mask, rewards, correct, gradable, group_index,
     texts, old_logp, entropy, advantages, ratios. Computes the entropy group ids."""
@@ -184,7 +187,7 @@ def write_runner_dump(path, *, step: int, dump: dict, task, tokenizer, config,
         prompt_mask=dump.get("prompt_mask"))
 
 
-def _meta_from_workdir(stem: pathlib.Path) -> dict:
+def _meta_from_workdir(stem: epath.Path) -> dict:
     """Grouping + vocab from ``<workdir>/config.json`` for a runner dump in workdir/dumps/."""
     cfg = stem.parent.parent / "config.json"
     if not cfg.is_file():
@@ -204,7 +207,7 @@ def load_dump(path, *, tokenizer=None) -> Dump:
     if not npz_path.is_file():
         raise FileNotFoundError(f"load_dump: {npz_path} does not exist (expected a dump stem "
                                 "like workdir/dumps/step_000010)")
-    with np.load(npz_path, allow_pickle=False) as z:
+    with npz_path.open("rb") as fh, np.load(io.BytesIO(fh.read()), allow_pickle=False) as z:
         arrays = {_RENAMES.get(k, k): z[k] for k in z.files}
     meta = json.loads(str(arrays.pop("meta_json"))) if "meta_json" in arrays else \
         _meta_from_workdir(stem)
@@ -234,9 +237,9 @@ def load_dump(path, *, tokenizer=None) -> Dump:
     return Dump(step=step, arrays=arrays, rows=rows, meta=meta)
 
 
-def find_dumps(workdir) -> list[pathlib.Path]:
+def find_dumps(workdir) -> list[epath.Path]:
     """Dump stems under ``workdir/dumps`` (or ``workdir`` itself), by step."""
-    d = pathlib.Path(workdir)
+    d = epath.Path(workdir)
     d = d / "dumps" if (d / "dumps").is_dir() else d
     return sorted(p.with_suffix("") for p in d.glob("*.npz"))
 
@@ -275,7 +278,7 @@ def group_table(d: Dump, *, alpha: float | None = None, vocab_size: int | None =
     return out
 
 
-def save_dump(d: Dump, path, *, rows: Sequence[int] | None = None) -> pathlib.Path:
+def save_dump(d: Dump, path, *, rows: Sequence[int] | None = None) -> epath.Path:
     """Re-write a loaded dump (optionally only ``rows``) in the current format, e.g. to
     upgrade an old runner dump or cut a small sample for tests."""
     idx = np.arange(d.num_rows) if rows is None else np.asarray(rows, int)

@@ -1,10 +1,13 @@
 """Export of the trained policy: a Hugging Face directory (weights + tokenizer files)."""
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
+import tempfile
 
 import jax
+from etils import epath
 
 from espo_jax.train.distributed import to_host
 
@@ -23,8 +26,23 @@ def export_final_policy(state, config, tok, workdir: pathlib.Path) -> pathlib.Pa
     return export_policy(host_state, config, tok, workdir)
 
 
-def export_policy(state, config, tok, workdir: pathlib.Path) -> pathlib.Path:
-    """Writes workdir/final_policy (HF weights + the tokenizer files); state on host."""
+def export_policy(state, config, tok, workdir) -> epath.Path:
+    """Writes workdir/final_policy (HF weights + the tokenizer files); state on host.
+    A non-local workdir (gs://...) gets a local export copied over with epath."""
+    if "://" in os.fspath(workdir):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = export_policy(state, config, tok, pathlib.Path(tmp))
+            out = epath.Path(workdir) / "final_policy"
+            if out.exists():
+                out.rmtree()
+            out.mkdir(parents=True, exist_ok=True)
+            for f in local.iterdir():
+                (out / f.name).write_bytes(f.read_bytes())
+        return out
+    return _export_local(state, config, tok, pathlib.Path(workdir))
+
+
+def _export_local(state, config, tok, workdir: pathlib.Path) -> pathlib.Path:
     from espo_jax.models import save_pretrained  # noqa: PLC0415
 
     from espo_jax.models.hf_io import source_dtype  # noqa: PLC0415

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import signal
 import time
 
 import jax
@@ -37,10 +36,13 @@ import numpy as np
 from espo_jax.objectives import compute_advantages
 from espo_jax.train import checkpoint as ckpt_lib
 from espo_jax.train import report, writers
+from espo_jax.train import resume as resume_lib
+from espo_jax.train import validate as validate_lib
 from espo_jax.train.distributed import device_put_global, to_host
 from espo_jax.train.evaluate import evaluate
 from espo_jax.train.export import TOKENIZER_FILES, export_final_policy  # noqa: F401 (re-export)
 from espo_jax.train.optim import learning_rate_schedule, make_optimizer
+from espo_jax.train.preemption import StopSignal
 from espo_jax.train.rollout_phase import PromptOrder, collect  # noqa: F401 (re-export)
 from espo_jax.train.score_phase import score_extras
 from espo_jax.train.setup import (_mesh_lib, batch_axes_size, load_policy,  # noqa: F401
@@ -79,30 +81,6 @@ def _to_device(ctx: _Ctx, tree):
     if ctx.batch_sharding is None:
         return jax.tree.map(jnp.asarray, tree)
     return device_put_global(tree, ctx.mesh)
-
-
-class _Stop:
-    """SIGTERM -> finish the current step, checkpoint, return."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        def handler(signum, frame):  # noqa: ARG001
-            if not self.requested:
-                print("\nSIGTERM received: finishing the current step, then checkpointing.",
-                      flush=True)
-            self.requested = True
-        try:
-            self._old = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread: no handler
-            self._old = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
 
 
 # Per-update metrics also recorded under minibatch{u}/ (u = update index within the step):
@@ -224,13 +202,19 @@ def run(config, workdir) -> dict:
     t_start = time.perf_counter()
     from espo_jax.train.distributed import setup_distributed  # noqa: PLC0415
     setup_distributed(config)
-    workdir = pathlib.Path(workdir).resolve()
+    workdir = writers.workdir_path(workdir)  # local or gs://, never a local "gs:" dir
+    # Everything a config can get wrong fails here, before weights or data are loaded.
+    validate_lib.validate(config, num_devices=jax.device_count(), workdir=workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep))
+    latest = ckpt.latest_step()
+    changes = resume_lib.check(workdir, config, latest) if latest is not None else {}
+    config_name = None
+    if jax.process_index() == 0 and (latest is None or changes):
+        config_name = resume_lib.save_config(workdir, config, latest)
 
     mesh_lib = _mesh_lib()
     mesh = mesh_lib.make_mesh(config.mesh) if mesh_lib is not None else None
-    validate(config, mesh)
-    writers.write_config(workdir, config)
 
     task = build_task(config.task, int(config.seed))
     model, tok = load_policy(config, mesh, mesh_lib)
@@ -246,7 +230,6 @@ def run(config, workdir) -> dict:
     vocab = int(model.config.vocab_size)
     del model
 
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep))
     restored = ckpt.restore(state)
     start, nonfinite_run = 0, 0
     if restored is not None:
@@ -255,9 +238,11 @@ def run(config, workdir) -> dict:
         print(f"Resuming from checkpoint at step {start} in {ckpt.directory}", flush=True)
     writer = writers.MetricWriter(workdir, tensorboard=bool(config.log.tensorboard))
     writer.truncate_after(start)
+    if restored is not None and start < int(config.num_steps):
+        writer.write_event(resume_lib.record(changes, start, config_name))
 
     chunk, temp = int(config.score.chunk_size), float(config.rollout.temperature)
-    micro = int(config.train.micro_batch_size)
+    micro = validate_lib.micro_batch_size(config, batch_axes_size(mesh))
     score_fn = make_score_fn(
         state.graphdef, chunk_size=chunk, temperature=temp, micro_batch_size=micro,
         param_shardings=None if shardings is None else shardings.params,
@@ -299,7 +284,7 @@ def run(config, workdir) -> dict:
         ckpt.save(step, state, {"nonfinite_in_a_row": nonfinite_run, "seed": int(config.seed)})
 
     bar = _progress(config, start, num_steps)
-    with _Stop() as stop:
+    with StopSignal() as stop:
         for step in range(start + 1, num_steps + 1):
             t_step = time.perf_counter()
             state, metrics, dump, nonfinite_run = _rl_step(ctx, state, step, nonfinite_run)
@@ -312,7 +297,8 @@ def run(config, workdir) -> dict:
             if config.dump.every and step % int(config.dump.every) == 0 and jax.process_index() == 0:
                 _write_dump(workdir, step, dump, task, tok, config, vocab)
             diverged = nonfinite_run >= int(config.train.max_nonfinite_in_a_row)
-            if (stop.requested or diverged or step == num_steps
+            stop_now = stop.agree(step)  # collective: every host stops at the same step
+            if (stop_now or diverged or step == num_steps
                     or step % max(1, int(config.checkpoint.every)) == 0):
                 save(step)
             _update_bar(bar, step, metrics, last_eval)
@@ -325,7 +311,7 @@ def run(config, workdir) -> dict:
                     f"(train.max_nonfinite_in_a_row={config.train.max_nonfinite_in_a_row}); "
                     f"the last finite parameters are checkpointed at step {step}. Lower "
                     "train.lr or check the rewards/advantages.")
-            if stop.requested:
+            if stop_now:
                 stop_reason = f"SIGTERM after step {step}"
                 break
     bar.close()

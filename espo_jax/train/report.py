@@ -1,9 +1,13 @@
-"""End-of-run report: PNG plots of the training curves and a short summary.md."""
+"""End-of-run report: PNG plots of the training curves and a short summary.md.
+
+Written by process 0 only (the caller checks), through ``etils.epath`` (local or gs://).
+"""
 from __future__ import annotations
 
-import pathlib
+import io
 
 import numpy as np
+from etils import epath
 
 from espo_jax.train.writers import read_metrics
 
@@ -19,19 +23,19 @@ PLOTS = (
 def _series(records: list[dict], key: str):
     xs, ys = [], []
     for r in records:
-        v = r.get(key)
+        v = r.get(key) if "event" not in r else None
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             xs.append(r["step"])
             ys.append(float(v))
     return np.asarray(xs), np.asarray(ys)
 
 
-def write_plots(workdir: str | pathlib.Path) -> list[pathlib.Path]:
+def write_plots(workdir) -> list[epath.Path]:
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    wd = pathlib.Path(workdir)
+    wd = epath.Path(workdir)
     records = read_metrics(wd / "metrics.jsonl")
     out = []
     for name, keys in PLOTS:
@@ -47,16 +51,18 @@ def write_plots(workdir: str | pathlib.Path) -> list[pathlib.Path]:
             ax.legend(fontsize=8)
         fig.tight_layout()
         path = wd / f"{name}.png"
-        fig.savefig(path)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
         plt.close(fig)
+        path.write_bytes(buf.getvalue())
         out.append(path)
     return out
 
 
-def write_summary(workdir: str | pathlib.Path, config, *, wall_time_s: float | None = None,
-                  stopped_early: str | None = None) -> pathlib.Path:
-    wd = pathlib.Path(workdir)
-    records = read_metrics(wd / "metrics.jsonl")
+def write_summary(workdir, config, *, wall_time_s: float | None = None,
+                  stopped_early: str | None = None) -> epath.Path:
+    wd = epath.Path(workdir)
+    records = [r for r in read_metrics(wd / "metrics.jsonl") if "event" not in r]
     x_acc, acc = _series(records, "eval_accuracy")
     _, rew = _series(records, "reward_mean")
     _, clip = _series(records, "clip_frac")

@@ -26,56 +26,12 @@ def batch_axes_size(mesh) -> int:
 
 
 def validate(config, mesh=None) -> None:
-    """Clear errors for inconsistent batch settings (names the keys and the numbers)."""
-    r, t = config.rollout, config.train
-    if r.group_size < 2:
-        raise ValueError(f"rollout.group_size must be >= 2 (group-relative advantages), "
-                         f"got {r.group_size}")
-    if r.prompts_per_step < 1:
-        raise ValueError(f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")
-    batch = r.prompts_per_step * r.group_size
-    if t.num_minibatches < 1 or batch % t.num_minibatches:
-        raise ValueError(
-            f"the rollout batch rollout.prompts_per_step * rollout.group_size = "
-            f"{r.prompts_per_step} * {r.group_size} = {batch} is not divisible by "
-            f"train.num_minibatches={t.num_minibatches}")
-    mb = batch // t.num_minibatches
-    if t.micro_batch_size > 0 and mb % t.micro_batch_size:
-        raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must divide the minibatch "
-                         f"size {mb} (= {batch} / train.num_minibatches)")
-    n_dev = batch_axes_size(mesh)
-    micro = t.micro_batch_size if 0 < t.micro_batch_size < mb else mb
-    if micro % n_dev:
-        raise ValueError(
-            f"the (micro-)batch size {micro} is not divisible by the mesh's batch axes "
-            f"data x fsdp = {n_dev} devices; change rollout.prompts_per_step, "
-            f"train.num_minibatches, train.micro_batch_size or mesh.*")
-    if t.num_epochs < 1:
-        raise ValueError(f"train.num_epochs must be >= 1, got {t.num_epochs}")
-    if config.num_steps < 0:
-        raise ValueError(f"num_steps must be >= 0, got {config.num_steps}")
-    if config.objective.name not in config.objective:
-        raise ValueError(f"objective.name={config.objective.name!r} has no objective.{config.objective.name} block")
-    if not r.allow_truncated_sampling:
-        # The scoring pass takes log-probs of the untruncated distribution: with a nucleus /
-        # top-k filter the sampler's distribution differs, so the 'old' policy is off-policy.
-        if r.top_p < 1.0:
-            raise ValueError(f"rollout.top_p={r.top_p} < 1 makes the old log-probs off-policy; "
-                             "set rollout.allow_truncated_sampling=True to train anyway")
-        if r.top_k > 0:
-            raise ValueError(f"rollout.top_k={r.top_k} > 0 makes the old log-probs off-policy; "
-                             "set rollout.allow_truncated_sampling=True to train anyway")
-    rc = config.rollout_correction
-    if rc.mode not in ("off", "token", "sequence"):
-        raise ValueError(f"rollout_correction.mode must be 'off', 'token' or 'sequence', "
-                         f"got {rc.mode!r}")
-    if not rc.threshold > 0:
-        raise ValueError(f"rollout_correction.threshold must be > 0, got {rc.threshold}")
-    if config.export.dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"export.dtype must be 'auto', 'float32' or 'bfloat16', "
-                         f"got {config.export.dtype!r}")
-    _dtype(config.model.param_dtype, "model.param_dtype")
-    _dtype(config.model.dtype, "model.dtype")
+    """Batch/objective/mesh checks for ``mesh`` (no file checks); kept for older callers:
+    the full check is ``espo_jax.train.validate.validate``."""
+    from espo_jax.train.validate import validate as validate_all  # noqa: PLC0415
+
+    validate_all(config, num_devices=1 if mesh is None else mesh.devices.size,
+                 check_files=False)
 
 
 def objective_hparams(config, vocab_size: int) -> dict:
