@@ -345,13 +345,12 @@ def _forward_signals() -> dict:
 
 # -------------------------------------------------------------------- aggregation --
 def read_metrics(path: pathlib.Path) -> list[dict]:
+    """Step records of a run's metrics.jsonl (resume events dropped); the harness does not
+    import jax, so this does not reuse espo_jax.train.writers."""
     if not path.is_file():
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            out.append(json.loads(line))
-    return out
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in recs if "event" not in r]
 
 
 def series(records: Sequence[dict], key: str, *, min_step: int = 0):

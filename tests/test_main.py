@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from espo_jax.train.writers import read_metrics
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = os.environ.get("ESPO_TEST_MAIN_CONFIG", str(REPO / "configs" / "default.py") + ":smoke")
 TIME_KEYS = ("time_",)
@@ -43,8 +45,8 @@ def cli(workdir, *overrides, env, config=CONFIG, check=True, timeout=300):
 
 
 def records(workdir):
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    """Step records (resume events dropped)."""
+    return read_metrics(pathlib.Path(workdir) / "metrics.jsonl", events=False)
 
 
 def _strip(rec, drop_eval=False):

@@ -147,8 +147,9 @@ def test_load_onto_mesh_places_each_tensor_on_its_sharding(hf_dirs, data):
 
 def test_bfloat16_compute_keeps_float32_logits(hf_dirs, data):
   _, path, ref = hf_dirs["qwen3_tied"]
-  model = from_pretrained(path)  # default bfloat16
-  assert model.embed_tokens.get_value().dtype == jnp.bfloat16
+  model = from_pretrained(path)  # default: bfloat16 compute, float32 master weights
+  assert model.embed_tokens.get_value().dtype == jnp.float32
+  assert model.dtype == jnp.bfloat16
   out = jax_logits(model, *data)
   assert out.dtype == np.float32
   assert rel_err(out, ref, data[1]) < 5e-2

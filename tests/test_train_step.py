@@ -158,7 +158,7 @@ def test_checkpoint_roundtrip_and_corrupt_fallback(setup, tmp_path, capsys):
     # Nothing loadable: a clear error, never a silent restart.
     shutil.rmtree(tmp_path / "ck" / "1" / "state")
     (tmp_path / "ck" / "1" / "state").mkdir()
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="Refusing to restart"):
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="refusing to restart"):
         ck.restore(create_state(model, tx))
     ck.close()
 

@@ -329,7 +329,7 @@ def run(config, workdir) -> dict:
         report.write_plots(workdir)
         report.write_summary(workdir, config, wall_time_s=wall)
     out = export_final_policy(state, config, tok, workdir)  # collective: every process
-    recs = writers.read_metrics(workdir / "metrics.jsonl")
+    recs = writers.read_metrics(workdir / "metrics.jsonl", events=False)
     accs = [(r["step"], r["eval_accuracy"]) for r in recs if "eval_accuracy" in r]
     print(f"Done: {step} steps in {wall:.1f} s; eval accuracy "
           + " -> ".join(f"{a:.3f} (step {s})" for s, a in (accs[:1] + accs[-1:]))

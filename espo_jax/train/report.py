@@ -36,7 +36,7 @@ def write_plots(workdir) -> list[epath.Path]:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     wd = epath.Path(workdir)
-    records = read_metrics(wd / "metrics.jsonl")
+    records = read_metrics(wd / "metrics.jsonl", events=False)
     out = []
     for name, keys in PLOTS:
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
@@ -62,7 +62,7 @@ def write_plots(workdir) -> list[epath.Path]:
 def write_summary(workdir, config, *, wall_time_s: float | None = None,
                   stopped_early: str | None = None) -> epath.Path:
     wd = epath.Path(workdir)
-    records = [r for r in read_metrics(wd / "metrics.jsonl") if "event" not in r]
+    records = read_metrics(wd / "metrics.jsonl", events=False)
     x_acc, acc = _series(records, "eval_accuracy")
     _, rew = _series(records, "reward_mean")
     _, clip = _series(records, "clip_frac")

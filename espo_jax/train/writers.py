@@ -38,11 +38,14 @@ def _clean(v):
     return v
 
 
-def read_metrics(path) -> list[dict]:
+def read_metrics(path, *, events: bool = True) -> list[dict]:
+    """The records of a metrics.jsonl (``[]`` if absent); ``events=False`` keeps step records
+    only (drops ``{"event": ...}`` records such as ``resume``)."""
     p = epath.Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return recs if events else [r for r in recs if "event" not in r]
 
 
 class MetricWriter:
