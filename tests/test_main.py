@@ -71,6 +71,12 @@ def test_smoke_run_writes_everything(full_run):
                     "entropy_mean", "response_len_mean", "time_rollout_s", "time_score_s",
                     "time_update_s"):
             assert key in r, (key, r)
+        # float32 smoke run: the first update is on-policy and the sampler agrees with the
+        # scoring pass (ratios 1, log-probs equal up to rounding).
+        assert r["first_minibatch/ratio_dev_max"] < 1e-4, r
+        assert r["first_minibatch/clip_frac"] == 0.0, r
+        assert r["sampler_scorer/logp_abs_diff_max"] < 1e-4, r
+        assert "minibatch0/clip_frac" in r, r
     assert (wd / "checkpoints" / "3").is_dir()
     for name in ("reward", "eval_accuracy", "clip_fraction", "entropy", "response_length"):
         assert (wd / f"{name}.png").stat().st_size > 1000

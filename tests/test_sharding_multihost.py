@@ -94,6 +94,45 @@ def worker(out_path: str) -> None:
     pathlib.Path(out_path).write_text(json.dumps(res))
 
 
+def preempt_worker(out_path: str, ckpt_dir: str) -> None:
+    """The loop's preemption protocol on 2 processes: a step loop that calls
+    ``StopSignal.agree`` every step and, when it says stop, saves one (collective, async)
+    checkpoint of a state sharded over both processes, waits for it and exits."""
+    import time
+    import types
+
+    import jax
+    import numpy as np
+
+    from espo_jax.train import distributed as dist
+    from espo_jax.train.checkpoint import Checkpointer
+    from espo_jax.train.mesh import make_mesh
+    from espo_jax.train.preemption import StopSignal
+
+    assert dist.setup_distributed(None) is True
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    w = dist.device_put_global({"w": np.zeros((16, 2), np.float32)}, mesh)["w"]
+    inc = jax.jit(lambda x: x + 1.0)
+    ck = Checkpointer(ckpt_dir, keep=3)
+    ready = pathlib.Path(out_path + ".ready")
+    stopped, requested = None, False
+    with StopSignal() as stop:
+        for step in range(1, 600):
+            w = inc(w)
+            if step == 2:
+                ready.write_text("1")
+            time.sleep(0.05)
+            if stop.agree(step):
+                step_arr = dist.device_put_global({"s": np.asarray(step, np.int32)}, mesh)["s"]
+                state = types.SimpleNamespace(params={"w": w}, opt_state={}, rest={},
+                                              step=step_arr, ref_params=None)
+                ck.save(step, state, {"stopped": step})
+                ck.close()  # waits for the async write
+                stopped, requested = step, stop.requested
+                break
+    pathlib.Path(out_path).write_text(json.dumps(dict(stopped=stopped, requested=requested)))
+
+
 # -------------------------------------------------------------------------------- tests --
 def test_two_processes_share_one_mesh(tmp_path):
     procs, outs = _launch(lambda pid: [sys.executable, __file__, str(tmp_path / f"r{pid}.json")],
@@ -111,6 +150,40 @@ def test_two_processes_share_one_mesh(tmp_path):
         # the embedding [96, 32] is split over 8 devices on 2 hosts; to_host gathers it
         assert not r["emb_fully_addressable"] and r["emb_local_shard"] == [96, 4]
         assert r["emb_host_shape"] == [96, 32] and r["emb_max_err"] < 1e-6
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM reaches only process 1: both agree on the stop step, one checkpoint of that
+    step is written (collectively), both exit 0."""
+    import signal
+    import time
+
+    port = _free_port()
+    ck = tmp_path / "ck"
+    procs = [subprocess.Popen([sys.executable, __file__, "preempt", str(tmp_path / f"r{pid}.json"),
+                               str(ck)], cwd=REPO, env=_env(port, pid), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for pid in range(2)]
+    try:
+        deadline = time.time() + 180
+        while not all((tmp_path / f"r{i}.json.ready").exists() for i in range(2)):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                [p.communicate()[0][-3000:] for p in procs if p.poll() is not None]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2))
+    assert r0["stopped"] == r1["stopped"] and r0["stopped"] >= 2
+    assert (r0["requested"], r1["requested"]) == (False, True)
+    assert "another process is stopping" in outs[0]
+    steps = sorted(int(d.name) for d in ck.iterdir() if d.name.isdigit())
+    assert steps == [r0["stopped"]]
+    assert (ck / str(r0["stopped"]) / "state").is_dir()
 
 
 @pytest.mark.slow
@@ -135,4 +208,7 @@ def test_cli_two_processes(tmp_path):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    if sys.argv[1] == "preempt":
+        preempt_worker(sys.argv[2], sys.argv[3])
+    else:
+        worker(sys.argv[1])

@@ -22,9 +22,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from espo_jax.objectives import policy_loss
+from espo_jax.objectives import entropy_groups, policy_loss
 
 VOCAB = 151_936  # Qwen3
+GIVEN = "given"  # placeholder: replaced by the batch's precomputed entropy groups
 
 
 def variants():
@@ -36,6 +37,8 @@ def variants():
         ("gmpo", "gmpo", {}),
         ("cispo", "cispo", {}),
         ("espo (top_fraction, default)", "espo", espo()),
+        # As the trainer runs it: groups computed once per rollout in the scoring phase.
+        ("espo, groups given (training)", "espo", espo(groups=GIVEN)),
         ("espo quantile K=4", "espo", espo(grouping="quantile", num_groups=4)),
         ("espo ranges (3 edges)", "espo", espo(grouping="ranges", entropy_edges=(2.0, 1.0, 0.5))),
         ("espo token", "espo", espo(grouping="token")),
@@ -56,6 +59,9 @@ def make_batch(B, T, key):
 
 
 def compile_step(name, hp, batch):
+    if hp.get("groups") is GIVEN:
+        _, _, _, mask, entropy = batch
+        hp = dict(hp, groups=jax.block_until_ready(jax.jit(entropy_groups)(entropy, mask)))
     fn = functools.partial(policy_loss, name, **hp)
     step = jax.jit(jax.value_and_grad(lambda lp, *rest: fn(lp, *rest), has_aux=True))
     jax.block_until_ready(step(*batch))  # compile + warm-up
