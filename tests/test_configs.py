@@ -74,3 +74,36 @@ def test_flag_overrides_including_none_fields():
     assert c.train.lr == 0.5 and c.objective.cispo.clip_low == 0.2
     assert c.objective.espo.alpha == 0.05 and c.dapo.overlong.enable is True
     assert c.objective.name == "cispo" and c.num_steps == 2
+
+
+@pytest.mark.parametrize("devices, micro", [(8, 16), (32, 64)])
+def test_paper_config_validates_on_8_and_32_devices(devices, micro):
+    """configs/qwen3_math.py as the README runs it: the micro-batch is per device, so the
+    same file validates on 8 and 32 chips (a fixed global micro-batch broke on 32)."""
+    from espo_jax.train.validate import micro_batch_size, validate
+    c = load(REPO / "configs" / "qwen3_math.py").get_config(None)
+    shape = validate(c, devices, check_files=False)
+    assert shape["data"] * shape["fsdp"] * shape["tensor"] * shape.get("expert", 1) == devices
+    assert micro_batch_size(c, shape["data"] * shape["fsdp"]) == micro
+
+
+def test_url_workdirs_stay_urls(tmp_path, monkeypatch, capsys):
+    """--workdir=gs://... is never turned into a local directory (pathlib.resolve() would
+    make $PWD/gs:/...); a bad flag with a URL workdir fails in one line and creates nothing."""
+    from espo_jax import main as cli
+    from espo_jax.train.writers import is_local, workdir_path
+    monkeypatch.chdir(tmp_path)
+    assert str(workdir_path("gs://bucket/runs/a")) == "gs://bucket/runs/a"
+    assert not is_local(workdir_path("gs://bucket/runs/a"))
+    assert str(workdir_path("runs/a")) == str(tmp_path / "runs" / "a")
+    argv = ["espo_jax.main", f"--config={REPO / 'configs' / 'default.py'}:smoke",
+            "--workdir=gs://no-such-bucket/run", "--config.objective.espo.alpha=-1"]
+    monkeypatch.setattr("sys.argv", argv)
+    fv = flags.FlagValues()
+    cli.define_flags(fv)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(cli.parse_flags(argv, fv), fv)
+    code = exit_info.value.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "alpha" in err
+    assert list(tmp_path.iterdir()) == []

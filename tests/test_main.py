@@ -102,6 +102,19 @@ def test_resume_gives_identical_metrics(full_run, tmp_path, env):
         # The stopped run evaluated after its last step (1); the uninterrupted one did not.
         drop = ra["step"] == 1
         assert _strip(ra, drop) == pytest.approx(_strip(rb, drop), rel=1e-6, abs=1e-7), ra["step"]
+    # The benign change (num_steps 1 -> 3) is recorded, and both launches' configs are kept.
+    events = [r for r in read_metrics(wd / "metrics.jsonl") if "event" in r]
+    assert events == [{"step": 1, "event": "resume", "config": "config.1.json",
+                       "changes": {"num_steps": {"old": 1, "new": 3}}}]
+    assert json.loads((wd / "config.json").read_text())["num_steps"] == 1
+    assert json.loads((wd / "config.1.json").read_text())["num_steps"] == 3
+    # A protected change is refused in one line before any work; allow_changes lets it in.
+    before = (wd / "metrics.jsonl").read_text()
+    p = cli(wd, "--config.num_steps=4", "--config.objective.name=gspo", env=env, check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "objective.name: 'espo' -> 'gspo'" in p.stderr and "allow_changes" in p.stderr
+    assert (wd / "metrics.jsonl").read_text() == before
+    assert not (wd / "checkpoints" / "4").exists()
 
 
 def test_sigterm_checkpoints_and_resumes(tmp_path, env):
