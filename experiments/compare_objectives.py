@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _common as C  # noqa: E402  (experiments/_common.py)
+import harness as C  # noqa: E402  (experiments/harness/)
 
 OBJECTIVES = ("espo", "grpo", "dapo", "gspo", "gmpo", "cispo")
 TOKEN_LEVEL = ("grpo", "dapo", "cispo", "gmpo")   # clip per token (GMPO: in log space)

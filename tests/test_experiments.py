@@ -9,20 +9,19 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
 
-import _common as C  # noqa: E402
+from harness import runner, specs  # noqa: E402
 import ablations  # noqa: E402
 import compare_objectives  # noqa: E402
 
 PLOTS = ("accuracy.png", "clip_fraction.png", "espo_entropy_clip.png", "response_length.png")
 
 
-def _fake_run(run: C.Run, *, acc0: float, acc1: float, clip: float, steps: int = 6,
+def _fake_run(run: specs.Run, *, acc0: float, acc1: float, clip: float, steps: int = 6,
               clip_slope: float = 0.0) -> None:
     """A finished run as the harness would leave it (metrics.jsonl + done.json)."""
     wd = run.workdir
@@ -37,13 +36,13 @@ def _fake_run(run: C.Run, *, acc0: float, acc1: float, clip: float, steps: int =
         recs.append(r)
     (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (wd / "config.json").write_text(json.dumps({"num_steps": steps}))
-    (wd / "done.json").write_text(json.dumps({"argv": C._identity(run.argv), "returncode": 0,
+    (wd / "done.json").write_text(json.dumps({"argv": runner._identity(run.argv), "returncode": 0,
                                               "wall_s": 60.0}))
 
 
 def test_run_specs_and_shared_slugs(tmp_path):
     vs = compare_objectives.variants(["espo", "gspo"])
-    runs = C.make_runs(vs, [0, 1], runs_dir=tmp_path, steps=7, extra=[("eval.num_examples", "32")],
+    runs = specs.make_runs(vs, [0, 1], runs_dir=tmp_path, steps=7, extra=[("eval.num_examples", "32")],
                        dump_every=3, dump_variant="espo")
     assert len(runs) == 4
     a = runs[0].argv
@@ -57,14 +56,14 @@ def test_run_specs_and_shared_slugs(tmp_path):
     assert runs[0].workdir.parent != runs[1].workdir.parent       # espo vs gspo
     assert runs[0].workdir.parent == runs[2].workdir.parent       # seeds share the slug
     # The ablation reference is the comparison's ESPO run: same workdir.
-    ref = C.make_runs(ablations.variants(["alpha"])[:1], [0], runs_dir=tmp_path, steps=7,
+    ref = specs.make_runs(ablations.variants(["alpha"])[:1], [0], runs_dir=tmp_path, steps=7,
                       extra=[("eval.num_examples", "32")])[0]
     assert ref.workdir == runs[0].workdir
     alpha = ablations.variants(["alpha"])[1]
-    r = C.make_runs([alpha], [0], runs_dir=tmp_path)[0]
+    r = specs.make_runs([alpha], [0], runs_dir=tmp_path)[0]
     assert "--config.objective.espo.alpha=0.01" in r.argv and "alpha=0.01" in str(r.workdir)
     fixed = ablations.variants(["fixed_clip"])[1]
-    r = C.make_runs([fixed], [0], runs_dir=tmp_path, smoke=True)[0]
+    r = specs.make_runs([fixed], [0], runs_dir=tmp_path, smoke=True)[0]
     assert r.argv[3].endswith("default.py:smoke,espo")
     assert {"--config.objective.espo.clip_mode=fixed", "--config.objective.espo.clip_low=0.0003",
             "--config.objective.espo.clip_high=0.0004"} <= set(r.argv)
@@ -75,36 +74,36 @@ def test_run_specs_and_shared_slugs(tmp_path):
 
 
 def test_resume_skips_finished_and_locks(tmp_path):
-    run = C.make_runs(compare_objectives.variants(["espo"]), [0], runs_dir=tmp_path)[0]
-    assert not C.is_finished(run)
+    run = specs.make_runs(compare_objectives.variants(["espo"]), [0], runs_dir=tmp_path)[0]
+    assert not runner.is_finished(run)
     _fake_run(run, acc0=0.2, acc1=0.4, clip=0.01)
-    assert C.is_finished(run)
-    assert C.run_one(run)["status"] == "cached"
-    assert C.metrics_complete(run.workdir)
+    assert runner.is_finished(run)
+    assert runner.run_one(run)["status"] == "cached"
+    assert runner.metrics_complete(run.workdir)
     lines = (run.workdir / "metrics.jsonl").read_text().splitlines()
     (run.workdir / "metrics.jsonl").write_text("\n".join(lines[:-2]) + "\n")
-    assert not C.metrics_complete(run.workdir)      # e.g. a run stopped by SIGTERM
+    assert not runner.metrics_complete(run.workdir)      # e.g. a run stopped by SIGTERM
     # Same workdir, different command (e.g. other steps): not finished, and refused clearly.
-    other = C.Run(run.variant, 0, run.workdir, run.argv + ("--config.num_steps=3",))
-    assert not C.is_finished(other)
-    (run.workdir / "spec.json").write_text(json.dumps({"argv": C._identity(run.argv)}))
+    other = specs.Run(run.variant, 0, run.workdir, run.argv + ("--config.num_steps=3",))
+    assert not runner.is_finished(other)
+    (run.workdir / "spec.json").write_text(json.dumps({"argv": runner._identity(run.argv)}))
     with pytest.raises(RuntimeError, match="different run"):
-        C.run_one(other)
+        runner.run_one(other)
     # A live lock means another process runs it; a stale one (dead pid) is taken over.
     lock = tmp_path / ".lock"
     lock.write_text(str(os.getpid()))
-    assert not C._acquire(lock)
+    assert not runner._acquire(lock)
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     lock.write_text(str(proc.pid))
-    assert C._acquire(lock) and lock.read_text() == str(os.getpid())
+    assert runner._acquire(lock) and lock.read_text() == str(os.getpid())
 
 
 def test_report_and_claims_on_synthetic_runs(tmp_path):
     """--report_only over fake finished runs: table, verdicts and all four plots."""
     runs_dir, out = tmp_path / "runs", tmp_path / "out"
     names = ["espo", "grpo", "gspo"]
-    runs = C.make_runs(compare_objectives.variants(names), [0, 1, 2], runs_dir=runs_dir)
+    runs = specs.make_runs(compare_objectives.variants(names), [0, 1, 2], runs_dir=runs_dir)
     spec = {"espo": (0.2, 0.5, 0.01, 0.002), "grpo": (0.2, 0.4, 0.001, 0.0),
             "gspo": (0.2, 0.3, 0.2, 0.0)}
     for r in runs:
@@ -129,11 +128,11 @@ def test_report_and_claims_on_synthetic_runs(tmp_path):
     # Ablations: the token (no-grouping) variant worst, alpha 0.05 beats the reference.
     out2 = tmp_path / "abl"
     vs = ablations.variants(["alpha", "grouping"])
-    aruns = C.make_runs(vs, [0, 1], runs_dir=runs_dir)
+    aruns = specs.make_runs(vs, [0, 1], runs_dir=runs_dir)
     final = {ablations.REF: 0.5, "α=0.01": 0.45, "α=0.05": 0.55, "α=0.1": 0.4,
              "no grouping (token)": 0.3}
     for r in aruns:
-        if not C.is_finished(r):
+        if not runner.is_finished(r):
             _fake_run(r, acc0=0.2, acc1=final[r.variant.name] + 0.01 * r.seed, clip=0.01)
     rc = ablations.main(["--report_only", "--runs_dir", str(runs_dir), "--out", str(out2),
                          "--only", "alpha,grouping", "--seeds", "2"])

@@ -1,0 +1,150 @@
+"""The sweep report's plots (matplotlib, Agg)."""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from harness.results import VariantResult
+
+
+def _plt():
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    return plt
+
+
+def _colors(n: int):
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    return [cmap(i % 10) for i in range(n)]
+
+
+def smooth(ys: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average along the last axis (window 1 = unchanged)."""
+    if window <= 1 or ys.shape[-1] < window:
+        return ys
+    c = np.cumsum(np.pad(ys, [(0, 0)] * (ys.ndim - 1) + [(1, 0)]), axis=-1)
+    out = np.empty_like(ys)
+    n = ys.shape[-1]
+    for i in range(n):
+        lo = max(0, i + 1 - window)
+        out[..., i] = (c[..., i + 1] - c[..., lo]) / (i + 1 - lo)
+    return out
+
+
+def _band(ax, res: VariantResult, key: str, color, *, min_step: int = 0, label=None):
+    """Seed mean with a min..max band; per-update series (min_step=1) of more than 40 steps
+    are smoothed with a trailing moving average of len/20 steps (said in the label)."""
+    x, ys = res.stack(key, min_step=min_step)
+    if not len(x):
+        return
+    w = max(1, len(x) // 20) if min_step >= 1 and len(x) > 40 else 1
+    ys = smooth(ys, w)
+    if w > 1:
+        label = f"{label or res.variant.name} (avg {w})"
+    m = ys.mean(0)
+    ax.plot(x, m, color=color, lw=1.6, label=label or res.variant.name,
+            marker="o" if len(x) <= 12 else None, ms=3)
+    if ys.shape[0] > 1:
+        ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.18, lw=0)
+
+
+def plot_accuracy(results, path: pathlib.Path, *, target: float | None = None, title=""):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
+    for res, c in zip(results, _colors(len(results))):
+        _band(ax, res, "eval_accuracy", c)
+    if target is not None:
+        ax.axhline(target, color="grey", ls=":", lw=1, label=f"target {target:.2f}")
+    ax.set(xlabel="step", ylabel="greedy eval accuracy",
+           title=title or "Eval accuracy (mean over seeds; band = min..max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_clip(results, path: pathlib.Path, *, title=""):
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90, sharey=False)
+    for key, ax in zip(("clip_frac_high", "clip_frac_low"), axes):
+        for res, c in zip(results, _colors(len(results))):
+            _band(ax, res, key, c, min_step=1)
+        ax.set(xlabel="step", ylabel=key.replace("_", " "),
+               title=("high: A > 0, ratio above range" if key.endswith("high")
+                      else "low: A < 0, ratio below range"))
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title or "Clip fractions per update (mean over seeds; band = min..max)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_entropy_clip(res: VariantResult, path: pathlib.Path, *, title=""):
+    """One variant's old-policy entropy and clip fraction over training on twin axes."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
+    _band(ax, res, "entropy_mean", "tab:blue", min_step=1, label="entropy (nats/token)")
+    ax.set(xlabel="step", ylabel="mean token entropy (nats)")
+    ax.yaxis.label.set_color("tab:blue")
+    ax2 = ax.twinx()
+    _band(ax2, res, "clip_frac", "tab:red", min_step=1, label="clip fraction")
+    ax2.set_ylabel("clip fraction")
+    ax2.yaxis.label.set_color("tab:red")
+    h = ax.get_legend_handles_labels()
+    h2 = ax2.get_legend_handles_labels()
+    ax.legend(h[0] + h2[0], h[1] + h2[1], fontsize=8, loc="upper center")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"{res.variant.name}: entropy and clip fraction over training")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_groups(res: VariantResult, path: pathlib.Path, *, title="") -> pathlib.Path | None:
+    """ESPO's per-group metrics (group<k>/clip_frac, group<k>/eps_mean) over training."""
+    keys = sorted({k.split("/")[0] for rec in res.records for r in rec for k in r
+                   if k.startswith("group") and "/" in k})
+    if not keys:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=90)
+    for g, c in zip(keys, _colors(len(keys))):
+        _band(axes[0], res, f"{g}/clip_frac", c, min_step=1, label=g)
+        _band(axes[1], res, f"{g}/eps_mean", c, min_step=1, label=g)
+    axes[0].set(xlabel="step", ylabel="clip fraction", title="clip fraction by entropy group")
+    axes[1].set(xlabel="step", ylabel="mean ε", title="adaptive clip range ε by group",
+                yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or f"{res.variant.name}: per-group metrics (group 0 = highest entropy)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_length(results, path: pathlib.Path, *, title=""):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
+    for res, c in zip(results, _colors(len(results))):
+        _band(ax, res, "response_len_mean", c, min_step=1)
+    ax.set(xlabel="step", ylabel="mean response length (tokens)",
+           title=title or "Response length (sampled, mean over seeds; band = min..max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
