@@ -52,8 +52,10 @@ def test_invariant_to_extra_padding(case, seed, lengths):
         padded[k] = np.concatenate([b[k], garbage()], axis=1)
     loss, grad = _run(case, b)
     loss_p, grad_p = _run(case, padded)
-    assert loss_p == pytest.approx(loss, rel=1e-6, abs=1e-9)
-    np.testing.assert_allclose(grad_p[:, :T], grad, rtol=1e-6, atol=1e-10)
+    # float32 row reductions of another length sum in another order (ESPO's last group is
+    # the row total minus the others, which can cancel): a few ulps, not exact.
+    assert loss_p == pytest.approx(loss, rel=1e-5, abs=1e-9)
+    np.testing.assert_allclose(grad_p[:, :T], grad, rtol=1e-5, atol=1e-9)
     assert not np.any(grad_p[:, T:])
 
 
