@@ -145,7 +145,7 @@ def _block_need(qs, ks, bq, bk):
   q_first = jnp.arange(nq) * bq
   k_first = jnp.arange(nk) * bk
   causal = k_first[None, :] <= (q_first + bq - 1)[:, None]
-  own = causal & (k_first + bk - 1)[None, :] >= q_first[:, None]  # slot ranges intersect
+  own = causal & ((k_first + bk - 1)[None, :] >= q_first[:, None])  # slot ranges meet
   return jnp.any(overlap & causal[None], axis=0) | own
 
 
