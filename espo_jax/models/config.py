@@ -22,6 +22,7 @@ ARCHITECTURES = {
 MODEL_TYPES = {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama"}
 ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
+REMAT_POLICIES = ("nothing", "matmuls")
 _FAMILY_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 
 
@@ -48,8 +49,14 @@ class ModelConfig:
   mlp_bias: bool = False
   qk_norm: bool = False
   max_position_embeddings: int = 32768
-  # Rematerialise each decoder layer in the non-cached (training) forward pass.
+  # Rematerialise each decoder layer in the non-cached (training) forward pass, keeping
+  # what `remat_policy` says: "nothing" (only the layer input) or "matmuls" (also the
+  # weight-matmul outputs: less recompute, more memory).
   remat: bool = False
+  remat_policy: str = "nothing"
+  # Run the non-cached forward as one lax.scan over (identical) layers: compile time does
+  # not grow with depth. Parameters, HF loading and export are unchanged.
+  scan_layers: bool = False
   # Attention implementation (see espo_jax/models/attention.py): "auto" (best for the
   # backend), "dense", "blockwise" (flash-style XLA, any backend), "cudnn" (GPU), "splash"
   # (TPU). The cached decode path always uses "dense".
@@ -71,6 +78,9 @@ class ModelConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, "
                        f"got {self.attention_impl!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {list(REMAT_POLICIES)}, "
+                       f"got {self.remat_policy!r}")
     if self.attention_chunk < 1:
       raise ValueError(f"attention_chunk must be >= 1, got {self.attention_chunk}")
     if self.rope_type not in ROPE_TYPES:

@@ -14,15 +14,13 @@ Call convention (B rows, T tokens, S cache slots, D width, V vocab):
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from espo_jax.models import cache as cache_lib
 from espo_jax.models.attention import resolve_impl
-from espo_jax.models.config import ModelConfig
+from espo_jax.models.config import REMAT_POLICIES, ModelConfig
 from espo_jax.models.dtypes import canonical_dtype as _as_dtype
 from espo_jax.models.layers import Block, RMSNorm, param, rope_inv_freq
 
@@ -138,11 +136,14 @@ class Decoder(nnx.Module):
     positions = positions.astype(jnp.int32)
     inv_freq = rope_inv_freq(self.config)
 
+    if cache is None and self.config.scan_layers and len(self.layers) > 1:
+      return _scan_layers(self.layers, x, positions, seg, inv_freq, impl, self.config), None
     new_cache = [] if cache is not None else None
     for i, layer in enumerate(self.layers):
       if cache is None:
         if self.config.remat:
-          x = _remat_layer(layer, x, positions, seg, inv_freq, impl)
+          x = _remat_layer(layer, x, positions, seg, inv_freq, impl,
+                           remat_policy(self.config.remat_policy))
         else:
           x, _ = layer(x, positions, seg, inv_freq, impl=impl)
       else:
@@ -151,6 +152,45 @@ class Decoder(nnx.Module):
     return x, new_cache
 
 
-@functools.partial(nnx.remat, static_argnums=(5,))
-def _remat_layer(layer, x, positions, segment_ids, inv_freq, impl):
-  return layer(x, positions, segment_ids, inv_freq, impl=impl)[0]
+def remat_policy(name: str):
+  """`ModelConfig.remat_policy` -> a jax.checkpoint policy. "nothing": keep only each
+  layer's input (compute dtype) and recompute the rest; "matmuls": also keep the outputs
+  of the weight matmuls (dots without batch dims; not the attention scores)."""
+  if name == "nothing":
+    return jax.checkpoint_policies.nothing_saveable
+  if name == "matmuls":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  raise ValueError(f"remat_policy must be one of {list(REMAT_POLICIES)}, got {name!r}")
+
+
+def _remat_layer(layer, x, positions, segment_ids, inv_freq, impl, policy):
+  f = nnx.remat(lambda lay, *a: lay(*a, impl=impl)[0], policy=policy)
+  return f(layer, x, positions, segment_ids, inv_freq)
+
+
+def _scan_layers(layers, x, positions, segment_ids, inv_freq, impl, cfg):
+  """The training/scoring forward as one `lax.scan` over the layers (compile time does not
+  grow with depth). The parameters stay a list of layers (HF paths, shardings and
+  checkpoints unchanged); they are stacked here, and the stack's gradient flows back to
+  each layer. Needs identical layers (same structure and shapes)."""
+  splits = [nnx.split(layer) for layer in layers]
+  graphdef = splits[0][0]
+  leaves0, treedef = jax.tree.flatten(splits[0][1])
+  flat = []
+  for g, st in splits:
+    leaves, td = jax.tree.flatten(st)
+    if g != graphdef or td != treedef or [a.shape for a in leaves] != [
+        a.shape for a in leaves0]:
+      raise ValueError("model.scan_layers=True needs identical decoder layers; "
+                       "set model.scan_layers=False for this model")
+    flat.append(leaves)
+  stacked = [jnp.stack(xs) for xs in zip(*flat)]
+
+  def body(h, leaves):
+    layer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    return layer(h, positions, segment_ids, inv_freq, impl=impl)[0], None
+
+  if cfg.remat:
+    body = jax.checkpoint(body, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, stacked)
+  return x

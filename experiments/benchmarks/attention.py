@@ -8,7 +8,7 @@ time the median of --iters runs after one warm-up run. Causal, one segment per r
 exceeds --max_run_gb is compiled but not run.
 
   .venv/bin/python experiments/benchmarks/attention.py                 # T = 1k/4k/8k on CPU
-  .venv/bin/python experiments/benchmarks/attention.py --T 512 1024 --iters 1   # quick
+  .venv/bin/python experiments/benchmarks/attention.py --quick         # T = 512/1k, 1 iter
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def measure(impl, t, a):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true", help="T = 512/1024, one timed run")
   p.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 8192])
   p.add_argument("--B", type=int, default=1)
   p.add_argument("--H", type=int, default=4, help="query heads")
@@ -72,6 +73,8 @@ def main():
   p.add_argument("--max_run_gb", type=float, default=6.0,
                  help="compile-only for variants whose compiled footprint exceeds this")
   a = p.parse_args()
+  if a.quick:
+    a.T, a.iters = [512, 1024], 1
   import jax
   print(f"backend={jax.default_backend()} B={a.B} H={a.H} K={a.K} hd={a.hd} "
         f"block={a.block} dtype={a.dtype} iters={a.iters} (median after warm-up)")
