@@ -227,13 +227,20 @@ def test_cudnn_length_mapping_on_cpu():
     assert rel_err(out, attn.dense_attention(q, k, v, seg, seg), seg > 0) < 1e-6
 
 
-def test_splash_attention_in_interpret_mode():
+def test_splash_attention_in_interpret_mode_on_a_mesh():
+    """TPU splash kernel (Pallas interpret mode) inside shard_map: rows over fsdp, heads
+    over tensor, as under the product's (Auto-axes) mesh."""
     rng = np.random.default_rng(6)
-    q, k, v = _qkv(rng, 1, 200, 2, 1, 128)
-    seg = np.ones((1, 200), np.int32)
-    seg[0, :30], seg[0, 100:] = 0, 2
+    q, k, v = _qkv(rng, 2, 200, 2, 2, 128)
+    seg = np.ones((2, 200), np.int32)
+    seg[0, :30], seg[1, 100:] = 0, 2
     seg = jnp.asarray(seg)
-    out = attn.splash_attention(q, k, v, seg, block=128, interpret=True)
+    mesh = jax.make_mesh((2, 2), ("fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    fn = jax.jit(lambda q, k, v, s: attn.splash_attention(q, k, v, s, block=128,
+                                                          interpret=True))
+    with jax.set_mesh(mesh):
+        out = fn(q, k, v, seg)
     assert np.isfinite(np.asarray(out)).all()
     assert rel_err(out, attn.dense_attention(q, k, v, seg, seg), seg > 0) < 1e-5
 

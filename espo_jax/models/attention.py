@@ -302,7 +302,33 @@ def splash_attention(q, k, v, segment_ids, *, block: int = 512, interpret: bool 
 
   Padding queries (segment 0) attend to earlier padding keys causally (always at least
   themselves), so they stay finite; T is padded to a multiple of 128 with segment -1.
+  Under a mesh (`jax.set_mesh`) it runs in `shard_map`: rows over the batch axes, heads
+  over "tensor" when they divide.
   """
+  b, h, kh = q.shape[0], q.shape[2], k.shape[2]
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:  # a Pallas call is not auto-partitioned: run it per shard
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+    from espo_jax.models.sharding import BATCH_AXES  # noqa: PLC0415
+    baxes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if b % math.prod(mesh.shape[a] for a in baxes):
+      baxes = ()
+    tp_ax = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 else None
+    if tp_ax and (h % mesh.shape[tp_ax] or kh % mesh.shape[tp_ax]):
+      tp_ax = None
+    ba = baxes or None
+    spec = P(ba, None, tp_ax, None)
+    f = functools.partial(_splash_local, block=block, interpret=interpret)
+    if jax.sharding.AxisType.Explicit in mesh.axis_types:
+      q, k, v = (jax.sharding.reshard(x, spec) for x in (q, k, v))
+      segment_ids = jax.sharding.reshard(segment_ids, P(ba, None))
+    return jax.shard_map(f, in_specs=(spec, spec, spec, P(ba, None)), out_specs=spec,
+                         check_vma=False)(q, k, v, segment_ids)
+  return _splash_local(q, k, v, segment_ids, block=block, interpret=interpret)
+
+
+def _splash_local(q, k, v, segment_ids, *, block, interpret):
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
       splash_attention_kernel as sk, splash_attention_mask as sm)
   b, t, h, hd = q.shape
