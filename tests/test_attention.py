@@ -211,6 +211,26 @@ def test_blockwise_memory_is_linear_in_length_dense_is_quadratic():
     assert ratios["dense"] > 12, ratios
 
 
+def test_blockwise_stays_batch_parallel_on_an_fsdp_mesh():
+    """Rows sharded over 8 devices: value-and-grad compiles without gathering activations;
+    the one collective is the all-reduce of the tiny bool tile plan."""
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    q = jax.ShapeDtypeStruct((8, 512, 4, 16), jnp.float32, sharding=sh)
+    k = jax.ShapeDtypeStruct((8, 512, 2, 16), jnp.float32, sharding=sh)
+    seg = jax.ShapeDtypeStruct((8, 512), jnp.int32, sharding=sh)
+
+    def f(q, k, v, seg):
+        return jnp.sum(attn.blockwise_attention(q, k, v, seg, seg, block=128) ** 2)
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(jax.grad(f, (0, 1, 2))).lower(q, k, k, seg).compile().as_text()
+    collectives = [ln for ln in hlo.splitlines()
+                   if any(f"{op}(" in ln or f"{op}-start(" in ln
+                          for op in ("all-gather", "all-reduce", "all-to-all",
+                                     "collective-permute", "reduce-scatter"))]
+    assert len(collectives) == 1 and "pred[4,4]" in collectives[0], collectives
+
+
 def test_cudnn_length_mapping_on_cpu():
     """The rotation + lengths mapping of the cuDNN path (run with the XLA implementation of
     the same public API) equals dense attention on left- and right-padded rows."""
