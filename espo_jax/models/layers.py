@@ -18,6 +18,7 @@ from espo_jax.models.attention import attend
 from espo_jax.models.config import ModelConfig
 from espo_jax.models.sharding import constrain_batch
 
+
 def param(value, names) -> nnx.Param:
   """A parameter annotated with logical axis names (sharding applied later by the loader)."""
   return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
