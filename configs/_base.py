@@ -48,8 +48,14 @@ def base_config() -> ml_collections.ConfigDict:
 
     # dtype: compute dtype; param_dtype: the master weights and optimizer state (keep f32:
     # bf16 masters round small updates away).
+    # attention_impl: auto | dense | blockwise | cudnn | splash (espo_jax/models/attention.py);
+    # attention_chunk: the tile size of blockwise / splash (auto runs dense up to one tile).
+    # remat_policy (with remat): nothing (keep only each layer's input) | matmuls.
+    # scan_layers: one lax.scan over the layers (compile time flat in depth).
     c.model = ml_collections.ConfigDict(dict(path="", dtype="float32", param_dtype="float32",
-                                             remat=False))
+                                             remat=False, remat_policy="nothing",
+                                             scan_layers=False, attention_impl="auto",
+                                             attention_chunk=512))
     c.task = ml_collections.ConfigDict(dict(
         name="arith", train_file="", eval_file="", num_train=2048, num_eval=64,
         # "{prompt}" is replaced by the example's prompt; "chat" uses the tokenizer's chat

@@ -63,6 +63,8 @@ def check_one_line(code, err, *needles):
     (["--config.rollout.group_size=1"], ["rollout.group_size"]),
     (["--config.train.num_minibatches=3"], ["num_minibatches=3"]),
     (["--config.model.dtype=float8"], ["model.dtype", "float8"]),
+    (["--config.model.attention_impl=flash"], ["model.attention_impl", "'flash'", "blockwise"]),
+    (["--config.model.remat_policy=all"], ["model.remat_policy", "'all'", "matmuls"]),
     (["--config.eval.num_samples=0"], ["eval.num_samples"]),
     (["--config.resume.allow_changes=objective.nope"], ["resume.allow_changes", "objective.nope"]),
     (["--config.model.path=/no/such/model"], ["model.path", "/no/such/model"]),

@@ -21,6 +21,8 @@ ARCHITECTURES = {
 }
 MODEL_TYPES = {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama"}
 ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
+REMAT_POLICIES = ("nothing", "matmuls")
 _FAMILY_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 
 
@@ -47,13 +49,20 @@ class ModelConfig:
   mlp_bias: bool = False
   qk_norm: bool = False
   max_position_embeddings: int = 32768
-  # Rematerialise each decoder layer in the non-cached (training) forward pass.
+  # Rematerialise each decoder layer in the non-cached (training) forward pass, keeping
+  # what `remat_policy` says: "nothing" (only the layer input) or "matmuls" (also the
+  # weight-matmul outputs: less recompute, more memory).
   remat: bool = False
-  # "xla": grouped einsum attention (no kv-head repeat); "chunked": the same over blocks of
-  # `attention_chunk` queries, rematerialised (long training sequences; the cached decode
-  # path uses "xla"); "jax": jax.nn.dot_product_attention (lets JAX pick a fused kernel,
-  # e.g. cuDNN flash attention on GPU in bf16).
-  attention_impl: str = "xla"
+  remat_policy: str = "nothing"
+  # Run the non-cached forward as one lax.scan over (identical) layers: compile time does
+  # not grow with depth. Parameters, HF loading and export are unchanged.
+  scan_layers: bool = False
+  # Attention implementation (see espo_jax/models/attention.py): "auto" (best for the
+  # backend), "dense", "blockwise" (flash-style XLA, any backend), "cudnn" (GPU), "splash"
+  # (TPU). The cached decode path always uses "dense".
+  attention_impl: str = "auto"
+  # Tile size (queries and keys) of "blockwise"/"splash"; "auto" runs "dense" when the
+  # sequence fits in one tile.
   attention_chunk: int = 512
   # The HF dict this came from (export writes it back); excluded from eq/hash.
   hf_config: Mapping[str, Any] | None = dataclasses.field(
@@ -66,9 +75,12 @@ class ModelConfig:
           f"num_key_value_heads ({self.num_kv_heads})")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-    if self.attention_impl not in ("xla", "chunked", "jax"):
-      raise ValueError("attention_impl must be one of 'xla', 'chunked', 'jax'; "
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, "
                        f"got {self.attention_impl!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {list(REMAT_POLICIES)}, "
+                       f"got {self.remat_policy!r}")
     if self.attention_chunk < 1:
       raise ValueError(f"attention_chunk must be >= 1, got {self.attention_chunk}")
     if self.rope_type not in ROPE_TYPES:

@@ -1,9 +1,16 @@
 """The decoder-only transformer (Qwen3 / Qwen2 / Llama via `ModelConfig` flags).
 
-Call convention (B sequences, T tokens, S cache slots, D width, V vocab):
+Call convention (B rows, T tokens, S cache slots, D width, V vocab):
   model(ids i32[B,T], positions=None, attention_mask=None) -> logits f32[B,T,V]
+      attention_mask i32[B,T]: 1 = real token (left padding etc.); positions default to
+      cumsum(mask) - 1. Converted to segment ids (= mask != 0).
+  model(ids, positions=None, segment_ids=seg i32[B,T]) -> logits f32[B,T,V]
+      packed rows: several sequences per row, each a run of one segment id > 0 (0 =
+      padding), causal within a segment; positions default to the index within the run.
   model(ids, positions, attention_mask=kv_mask i32[B,S], cache=cache, cache_index=i)
       -> (logits f32[B,T,V], new_cache)
+`hidden_states` takes the same arguments. No [B,T,S] mask is ever built outside the
+`dense` attention implementation (see `espo_jax.models.attention`).
 """
 from __future__ import annotations
 
@@ -12,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from espo_jax.models import cache as cache_lib
-from espo_jax.models.config import ModelConfig
+from espo_jax.models.attention import resolve_impl
+from espo_jax.models.config import REMAT_POLICIES, ModelConfig
 from espo_jax.models.dtypes import canonical_dtype as _as_dtype
 from espo_jax.models.layers import Block, RMSNorm, param, rope_inv_freq
 
@@ -20,6 +28,18 @@ from espo_jax.models.layers import Block, RMSNorm, param, rope_inv_freq
 def positions_from_mask(mask):
   """Left padding: positions = cumsum(mask) - 1, clipped at 0. mask [B,T] -> i32[B,T]."""
   return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def positions_from_segment_ids(segment_ids):
+  """Packed rows: the index of each token within its run of equal segment ids (0 for
+  padding). segment_ids i32[B,T] -> i32[B,T]."""
+  seg = segment_ids.astype(jnp.int32)
+  t = seg.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), seg.shape)
+  starts = jnp.concatenate([jnp.ones_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]],
+                           axis=-1)
+  run_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=seg.ndim - 1)
+  return jnp.where(seg != 0, idx - run_start, 0)
 
 
 class Decoder(nnx.Module):
@@ -56,67 +76,121 @@ class Decoder(nnx.Module):
                                 _as_dtype(dtype) if dtype is not None else self.dtype)
 
   def hidden_states(self, input_ids, positions=None, attention_mask=None, cache=None,
-                    cache_index=None):
+                    cache_index=None, *, segment_ids=None):
     """Final-norm hidden states f32[B,T,D] (plus the new cache when `cache` is given)."""
-    h, new_cache = self._trunk(input_ids, positions, attention_mask, cache, cache_index)
+    h, new_cache = self._trunk(input_ids, positions, attention_mask, cache, cache_index,
+                               segment_ids)
     h = self.norm(h, out_dtype=jnp.float32)
     return h if cache is None else (h, new_cache)
 
   def __call__(self, input_ids, positions=None, attention_mask=None, cache=None,
-               cache_index=None):
+               cache_index=None, *, segment_ids=None):
     """Logits f32[B,T,V]; with `cache`, returns (logits, new_cache)."""
-    out = self.hidden_states(input_ids, positions, attention_mask, cache, cache_index)
+    out = self.hidden_states(input_ids, positions, attention_mask, cache, cache_index,
+                             segment_ids=segment_ids)
     h, new_cache = (out, None) if cache is None else out
     w = self.unembedding().astype(jnp.float32)
     logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
     return logits if cache is None else (logits, new_cache)
 
   # -- internals --------------------------------------------------------------------------
-  def _trunk(self, input_ids, positions, attention_mask, cache, cache_index):
+  def _trunk(self, input_ids, positions, attention_mask, cache, cache_index, segment_ids):
     b, t = input_ids.shape
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+    if segment_ids is not None and (attention_mask is not None or cache is not None):
+      raise ValueError("segment_ids: pass either segment_ids (packed rows, no cache) or "
+                       "attention_mask, not both")
+    kv_seg = None
     if cache is None:
-      if attention_mask is None:
-        attention_mask = jnp.ones((b, t), jnp.int32)
-      valid = attention_mask.astype(bool)
-      if positions is None:
-        positions = positions_from_mask(attention_mask)
-      causal = jnp.tril(jnp.ones((t, t), bool))
-      # Every query may see itself, so padding rows have a key and stay finite (no NaN
-      # that a later `loss * mask` would spread); real rows are unchanged.
-      mask = (causal[None] & valid[:, None, :]) | jnp.eye(t, dtype=bool)[None]  # [B,T,T]
+      packed = segment_ids is not None
+      if packed:
+        if segment_ids.shape != (b, t):
+          raise ValueError(f"segment_ids must be [B,T]={(b, t)}, got {segment_ids.shape}")
+        seg = segment_ids.astype(jnp.int32)
+        if positions is None:
+          positions = positions_from_segment_ids(seg)
+      else:
+        if attention_mask is None:
+          attention_mask = jnp.ones((b, t), jnp.int32)
+        seg = (attention_mask != 0).astype(jnp.int32)
+        if positions is None:
+          positions = positions_from_mask(attention_mask)
+      cfg = self.config
+      impl = resolve_impl(cfg.attention_impl, seq_len=t, block=cfg.attention_chunk,
+                          dtype=self.dtype, head_dim=cfg.head_dim, packed=packed)
     else:
       s = cache[0]["k"].shape[1]
       if cache_index is None:
         raise ValueError("cache_index is required when a cache is given")
-      kv = (jnp.ones((b, s), bool) if attention_mask is None
-            else attention_mask.astype(bool))
+      kv = (jnp.ones((b, s), jnp.int32) if attention_mask is None
+            else attention_mask.astype(jnp.int32))
       if kv.shape != (b, s):
         raise ValueError(f"attention_mask with a cache must be the kv mask [B,S]={(b, s)}, "
                          f"got {kv.shape}")
-      q_slot = cache_index + jnp.arange(t)  # [T]
+      kv_seg = (kv != 0).astype(jnp.int32)
+      q_slot = jnp.minimum(cache_index + jnp.arange(t), s - 1)  # [T]
+      seg = jnp.take(kv_seg, q_slot, axis=1)  # the queries' own slots say if they are real
       if positions is None:
-        pos_all = positions_from_mask(kv)  # [B,S]
-        positions = jnp.take(pos_all, jnp.minimum(q_slot, s - 1), axis=1)
-      causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T,S]
-      own = jnp.arange(s)[None, :] == q_slot[:, None]
-      mask = (causal[None] & kv[:, None, :]) | own[None]  # [B,T,S]
+        positions = jnp.take(positions_from_mask(kv), q_slot, axis=1)
+      impl = "dense"
     positions = positions.astype(jnp.int32)
     inv_freq = rope_inv_freq(self.config)
 
+    if cache is None and self.config.scan_layers and len(self.layers) > 1:
+      return _scan_layers(self.layers, x, positions, seg, inv_freq, impl, self.config), None
     new_cache = [] if cache is not None else None
     for i, layer in enumerate(self.layers):
       if cache is None:
         if self.config.remat:
-          x = _remat_layer(layer, x, positions, mask, inv_freq)
+          x = _remat_layer(layer, x, positions, seg, inv_freq, impl,
+                           remat_policy(self.config.remat_policy))
         else:
-          x, _ = layer(x, positions, mask, inv_freq)
+          x, _ = layer(x, positions, seg, inv_freq, impl=impl)
       else:
-        x, c = layer(x, positions, mask, inv_freq, cache[i], cache_index)
+        x, c = layer(x, positions, seg, inv_freq, cache[i], cache_index, kv_seg)
         new_cache.append(c)
     return x, new_cache
 
 
-@nnx.remat
-def _remat_layer(layer, x, positions, mask, inv_freq):
-  return layer(x, positions, mask, inv_freq)[0]
+def remat_policy(name: str):
+  """`ModelConfig.remat_policy` -> a jax.checkpoint policy. "nothing": keep only each
+  layer's input (compute dtype) and recompute the rest; "matmuls": also keep the outputs
+  of the weight matmuls (dots without batch dims; not the attention scores)."""
+  if name == "nothing":
+    return jax.checkpoint_policies.nothing_saveable
+  if name == "matmuls":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  raise ValueError(f"remat_policy must be one of {list(REMAT_POLICIES)}, got {name!r}")
+
+
+def _remat_layer(layer, x, positions, segment_ids, inv_freq, impl, policy):
+  f = nnx.remat(lambda lay, *a: lay(*a, impl=impl)[0], policy=policy)
+  return f(layer, x, positions, segment_ids, inv_freq)
+
+
+def _scan_layers(layers, x, positions, segment_ids, inv_freq, impl, cfg):
+  """The training/scoring forward as one `lax.scan` over the layers (compile time does not
+  grow with depth). The parameters stay a list of layers (HF paths, shardings and
+  checkpoints unchanged); they are stacked here, and the stack's gradient flows back to
+  each layer. Needs identical layers (same structure and shapes)."""
+  splits = [nnx.split(layer) for layer in layers]
+  graphdef = splits[0][0]
+  leaves0, treedef = jax.tree.flatten(splits[0][1])
+  flat = []
+  for g, st in splits:
+    leaves, td = jax.tree.flatten(st)
+    if g != graphdef or td != treedef or [a.shape for a in leaves] != [
+        a.shape for a in leaves0]:
+      raise ValueError("model.scan_layers=True needs identical decoder layers; "
+                       "set model.scan_layers=False for this model")
+    flat.append(leaves)
+  stacked = [jnp.stack(xs) for xs in zip(*flat)]
+
+  def body(h, leaves):
+    layer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    return layer(h, positions, segment_ids, inv_freq, impl=impl)[0], None
+
+  if cfg.remat:
+    body = jax.checkpoint(body, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, stacked)
+  return x

@@ -1,5 +1,8 @@
 """Building blocks: Linear, RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
+Attention layers take `positions` and `segment_ids` (int32[B,T], 0 = padding, causal within
+a segment), never a [B,T,S] mask; the kernels are in `espo_jax.models.attention`.
+
 Parameters carry logical axis names (`out_sharding` metadata, not applied eagerly) from
 {"vocab", "embed", "heads", "kv_heads", "mlp", "norm"}; kernels are [in, out].
 """
@@ -11,11 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from espo_jax.models.attention import attend
 from espo_jax.models.config import ModelConfig
 from espo_jax.models.sharding import constrain_batch
-
-# Finite "minus infinity": fully masked rows (left padding queries) stay NaN-free.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def param(value, names) -> nnx.Param:
@@ -82,39 +83,6 @@ def apply_rope(x, positions, inv_freq):
   return out.astype(x.dtype)
 
 
-def gqa_attention(q, k, v, mask):
-  """Grouped-query attention without repeating kv heads.
-
-  q [B,T,H,hd]; k, v [B,S,K,hd] (H = K*G); mask bool[B,T,S] (True = may attend).
-  Scores and softmax in float32. Returns [B,T,H,hd] in q.dtype.
-  """
-  b, t, h, hd = q.shape
-  kh = k.shape[2]
-  qg = q.reshape(b, t, kh, h // kh, hd)
-  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-  s = s * (1.0 / math.sqrt(hd))
-  s = jnp.where(mask[:, None, None, :, :], s, _MASK_VALUE)
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  o = jnp.einsum("bkgts,bskd->btkgd", p, v)
-  return o.reshape(b, t, h, hd)
-
-
-def chunked_gqa_attention(q, k, v, mask, chunk: int):
-  """`gqa_attention` over blocks of `chunk` queries, each rematerialised in the backward.
-
-  Peak score memory is [B,H,chunk,S] instead of [B,H,T,S] (for long training sequences).
-  """
-  b, t, h, hd = q.shape
-  c = min(chunk, t)
-  nb = -(-t // c)
-  pad = nb * c - t
-  qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nb, c, h, hd)
-  mb = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, nb, c, mask.shape[-1])
-  block = jax.checkpoint(lambda qc, mc: gqa_attention(qc, k, v, mc))
-  o = jax.lax.map(lambda xs: block(*xs), (qb.swapaxes(0, 1), mb.swapaxes(0, 1)))
-  return o.swapaxes(0, 1).reshape(b, nb * c, h, hd)[:, :t]
-
-
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
@@ -130,9 +98,14 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
     self.attention_chunk = cfg.attention_chunk
 
-  def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None,
-               impl="xla"):
-    """x [B,T,D]; mask bool[B,T,S]. cache: {"k","v"} [B,S,K,hd] or None. Returns (y, cache)."""
+  def __call__(self, x, positions, segment_ids, inv_freq, cache=None, cache_index=None,
+               kv_segment_ids=None, impl="dense"):
+    """x [B,T,D]; positions, segment_ids i32[B,T]; impl: a resolved (non-auto) name.
+
+    cache: {"k","v"} [B,S,K,hd] or None; with a cache, queries sit at slots
+    cache_index + [0, T) and kv_segment_ids i32[B,S] says which slots are real.
+    Returns (y, cache).
+    """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -147,12 +120,9 @@ class Attention(nnx.Module):
       cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
       cache = {"k": ck, "v": cv}
       k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    if impl == "jax":
-      o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None]).astype(q.dtype)
-    elif impl == "chunked" and cache is None:
-      o = chunked_gqa_attention(q, k, v, mask, self.attention_chunk)
+      o = attend(q, k, v, segment_ids, kv_segment_ids, impl="dense", q_offset=cache_index)
     else:
-      o = gqa_attention(q, k, v, mask)
+      o = attend(q, k, v, segment_ids, segment_ids, impl=impl, block=self.attention_chunk)
     return self.o_proj(o.reshape(b, t, -1)), cache
 
 
@@ -176,16 +146,17 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     nkw = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-    self.attention_impl = cfg.attention_impl
     self.input_layernorm = RMSNorm(cfg.hidden_size, **nkw)
     self.self_attn = Attention(cfg, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **nkw)
     self.mlp = MLP(cfg, **kw)
 
-  def __call__(self, x, positions, mask, inv_freq, cache=None, cache_index=None):
+  def __call__(self, x, positions, segment_ids, inv_freq, cache=None, cache_index=None,
+               kv_segment_ids=None, impl="dense"):
+    """See `Attention.__call__`; impl is resolved by the decoder (static per call)."""
     x = constrain_batch(x)  # keep activations batch-split under FSDP (no-op without a mesh)
-    h, cache = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq,
-                              cache, cache_index, impl=self.attention_impl)
+    h, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq,
+                              cache, cache_index, kv_segment_ids, impl=impl)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, cache

@@ -75,6 +75,11 @@ def load_policy(config, mesh, mesh_lib):
             kw["rules"] = rules
     if config.model.remat:
         kw["remat"] = True  # ModelConfig override: rematerialise each layer in training
+    # ModelConfig overrides (`.get`: configs written before these keys keep working).
+    kw["attention_impl"] = config.model.get("attention_impl", "auto")
+    kw["attention_chunk"] = int(config.model.get("attention_chunk", 512))
+    kw["remat_policy"] = config.model.get("remat_policy", "nothing")
+    kw["scan_layers"] = bool(config.model.get("scan_layers", False))
     # Compute in model.dtype; master weights (and so the optimizer state) in model.param_dtype.
     model = from_pretrained(str(path), dtype=_dtype(config.model.dtype),
                             param_dtype=_dtype(config.model.param_dtype, "model.param_dtype"),

@@ -19,6 +19,7 @@ from typing import Any
 
 from etils import epath
 
+from espo_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
 from espo_jax.models.dtypes import canonical_dtype
 from espo_jax.objectives import resolve_hparams
 from espo_jax.objectives.advantages import ESTIMATORS
@@ -170,6 +171,16 @@ def _eval_and_io(config, batch_devices: int) -> None:
             canonical_dtype(_get(config, key))
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from None
+    impl = config.model.get("attention_impl", "auto")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention_impl must be one of {list(ATTENTION_IMPLS)}, "
+                         f"got {impl!r}")
+    if "attention_chunk" in config.model:
+        _int(config, "model.attention_chunk", lo=1)
+    policy = config.model.get("remat_policy", "nothing")
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"model.remat_policy must be one of {list(REMAT_POLICIES)}, "
+                         f"got {policy!r}")
     if config.export.dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"export.dtype must be 'auto', 'float32' or 'bfloat16', "
                          f"got {config.export.dtype!r}")
