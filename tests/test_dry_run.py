@@ -98,3 +98,7 @@ def test_dry_run_rejects_a_plan_longer_than_the_model(capsys, tmp_path, model_di
     code, _, err = run_cli(capsys, f"--workdir={tmp_path / 'wd'}", "--dry_run",
                            f"--config.model.path={model_dir}", "--config.plan.layers=-1")
     assert code == 2 and "plan.layers" in err, err
+    # plan.devices simulates CPU devices only before JAX starts (here it has 8 already)
+    code, _, err = run_cli(capsys, f"--workdir={tmp_path / 'wd'}", "--dry_run",
+                           f"--config.model.path={model_dir}", "--config.plan.devices=4")
+    assert code == 2 and "plan.devices=4" in err and "xla_force_host_platform" in err, err

@@ -130,6 +130,26 @@ def _batch_groups(b: int):
   return g, PartitionSpec(axes if len(axes) > 1 else axes[0])
 
 
+def _spec(x) -> tuple:
+  """x's PartitionSpec padded to its rank (explicit-axis meshes, where it is in the type)."""
+  spec = tuple(jax.typeof(x).sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def _compute_weights(w, dtype):
+  """w [D,V] in the compute dtype, whole along D (each device contracts its own rows over
+  all of D, instead of all-reducing partial logits). The cast comes before the constraint,
+  so an FSDP all-gather of D may move compute-dtype bytes (XLA:CPU upcasts bf16 to f32
+  anyway, so a CPU compile shows f32 gathers)."""
+  wc = w.astype(dtype)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return wc
+  if mesh.are_all_axes_explicit:
+    return jax.sharding.reshard(wc, PartitionSpec(None, _spec(w)[1]))
+  return jax.lax.with_sharding_constraint(wc, PartitionSpec(None, PartitionSpec.UNCONSTRAINED))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunked(h, w, y, temp, c):
   """h [B,T,D], w [D,V], y i32[B,T], temp f32[], c: positions per block (divides T)
@@ -138,7 +158,7 @@ def _chunked(h, w, y, temp, c):
 
 
 def _fwd(h, w, y, temp, c):
-  wc = w.astype(h.dtype)  # one cast per call, not per block
+  wc = _compute_weights(w, h.dtype)  # one cast (and gather) per call, not per block
 
   def body(_, i):
     logp, ent, lse, ez = _block_stats(_block(h, i, c), wc, _block(y, i, c), temp)
@@ -155,7 +175,7 @@ def _bwd(c, res, g):
   g_lp, g_ent = g
   v = w.shape[1]
   cd = h.dtype
-  wc = w.astype(cd)
+  wc = _compute_weights(w, cd)
 
   def body(carry, i):
     dh, dw, dtemp = carry
@@ -183,8 +203,11 @@ def _bwd(c, res, g):
   groups, spec = _batch_groups(h.shape[0])
   dw0 = jnp.zeros((groups, h.shape[-1], v), jnp.float32)
   if spec is not None:
-    explicit = jax.sharding.get_abstract_mesh().are_all_axes_explicit
-    dw0 = (jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint)(dw0, spec)
+    if jax.sharding.get_abstract_mesh().are_all_axes_explicit:
+      dw0 = jax.sharding.reshard(dw0, PartitionSpec(spec[0], None, _spec(w)[1]))
+    else:  # D, V: as the partitioner likes (e.g. V over a tensor axis, like the logits)
+      u = PartitionSpec.UNCONSTRAINED
+      dw0 = jax.lax.with_sharding_constraint(dw0, PartitionSpec(spec[0], u, u))
   init = (jnp.zeros_like(h), dw0, jnp.zeros((), jnp.float32))
   (dh, dw, dtemp), _ = jax.lax.scan(body, init, jnp.arange(h.shape[1] // c))
   return dh, jnp.sum(dw, axis=0).astype(w.dtype), None, dtemp
