@@ -9,8 +9,11 @@ with a config.json of Qwen3-1.7B's shape. Compiling all 28 (unrolled) layers tak
 on 2 CPU cores, so the test compiles 1 and 2 layers and extrapolates linearly per layer to
 28; set ESPO_AOT_FULL=1 to compile all 28 layers instead. Arguments extrapolate exactly;
 temporaries only approximately (XLA schedules weight all-gathers differently with more
-layers): on jax 0.10.2 CPU the 1+2-layer estimate was 3.85 GiB vs 3.58 GiB from a full
-28-layer compile.
+layers; with the earlier flattened log-prob op the 1+2-layer estimate was 3.85 GiB vs
+3.58 GiB from a full 28-layer compile). The batch-parallel log-prob op holds a per-device
+dW partial [D, V] f32 and the unembedding gathered along D (XLA:CPU keeps it in f32): with
+Qwen3's 151,936-token vocabulary about 1.6 GiB more than the flattened op at these short
+sequences, in exchange for no activation all-gather and 1/devices logits work.
 """
 from __future__ import annotations
 
