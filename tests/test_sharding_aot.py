@@ -9,11 +9,13 @@ with a config.json of Qwen3-1.7B's shape. Compiling all 28 (unrolled) layers tak
 on 2 CPU cores, so the test compiles 1 and 2 layers and extrapolates linearly per layer to
 28; set ESPO_AOT_FULL=1 to compile all 28 layers instead. Arguments extrapolate exactly;
 temporaries only approximately (XLA schedules weight all-gathers differently with more
-layers; with the earlier flattened log-prob op the 1+2-layer estimate was 3.85 GiB vs
-3.58 GiB from a full 28-layer compile). The batch-parallel log-prob op holds a per-device
-dW partial [D, V] f32 and the unembedding gathered along D (XLA:CPU keeps it in f32): with
-Qwen3's 151,936-token vocabulary about 1.6 GiB more than the flattened op at these short
-sequences, in exchange for no activation all-gather and 1/devices logits work.
+layers; with the earlier flattened log-prob op and XLA:CPU's default scheduler the
+1+2-layer estimate was 3.85 GiB vs 3.58 GiB from a full 28-layer compile). The dry run
+compiles with XLA:CPU's memory-optimised scheduler. The batch-parallel log-prob op holds
+a per-device dW partial [D, V/tensor] f32 and the unembedding gathered along D (f32 on
+XLA:CPU, which upcasts bf16): with Qwen3's 151,936-token vocabulary 3.93 GiB of
+temporaries here vs 2.79 GiB with the flattened op (jax 0.10.2), in exchange for no
+activation all-gather, no per-block logits all-reduce and 1/devices of the logits work.
 """
 from __future__ import annotations
 
