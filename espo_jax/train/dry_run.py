@@ -26,7 +26,7 @@ layer (a second compile at depth 1, or 2 for a one-layer model) and writes
                     "rollout": {..}},
      "per_layer": {"train_step": {..}, ..}, "state": b, "peak": b, ...}
 
-All sizes are bytes per device. ``state`` is the train state resident on every device
+All sizes are bytes per device; ``compile_s`` is the deepest compile's. ``state`` is the train state resident on every device
 throughout (params + optimizer moments [+ reference]); ``peak`` is the largest phase
 ``total`` plus the part of the state that phase does not take as arguments.
 
@@ -318,7 +318,7 @@ def _extrapolate(small: dict, big: dict, d_small: int, d_big: int, depth: int):
     return at, per
 
 
-def plan(config, *, num_devices: int | None = None, phases=PHASES, log=print) -> dict:
+def plan(config, *, phases=PHASES, log=print) -> dict:
     """Compiles the phases (at two depths) and returns the memory plan (the JSON dict)."""
     import jax  # noqa: PLC0415
 
