@@ -26,9 +26,10 @@ layer (a second compile at depth 1, or 2 for a one-layer model) and writes
                     "rollout": {..}},
      "per_layer": {"train_step": {..}, ..}, "state": b, "peak": b, ...}
 
-All sizes are bytes per device; ``compile_s`` is the deepest compile's. ``state`` is the train state resident on every device
-throughout (params + optimizer moments [+ reference]); ``peak`` is the largest phase
-``total`` plus the part of the state that phase does not take as arguments.
+All sizes are bytes per device; ``compile_s`` is the deepest compile's. ``state`` is
+the train state resident on every device throughout (params + optimizer moments
+[+ reference]); ``peak`` is the largest phase ``total`` plus the part of the state that
+phase does not take as arguments.
 
 Shapes: ``plan.prompt_len`` prompt tokens (default 512; bucketed like the sampler does) and
 ``plan.response_len`` response tokens (0 = ``rollout.max_new_tokens``). ``plan.layers`` > 0
@@ -374,7 +375,8 @@ def _table(r: dict, log) -> None:
     s = r["shapes"]
     micro = s["micro_batch"] or s["minibatch_rows"]
     log(f"Dry run on {r['devices']} {r['backend']} devices, mesh {r['mesh']}; model "
-        f"{r['model']['params'] / 1e6:.1f}M params, {r['model']['layers']} layers (compiled {r['compiled_layers']}"
+        f"{r['model']['params'] / 1e6:.1f}M params, {r['model']['layers']} layers "
+        f"(compiled {r['compiled_layers']}"
         f"{', extrapolated per layer' if r['extrapolated'] else ''}), "
         f"{r['model']['dtype']} compute / {r['model']['param_dtype']} params, remat="
         f"{r['model']['remat']}")
