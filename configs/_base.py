@@ -92,6 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict(dict(dtype="auto"))
     c.score = ml_collections.ConfigDict(dict(chunk_size=1024))
     c.dump = ml_collections.ConfigDict(dict(every=0))  # rollout dumps under workdir/dumps/
+    # --dry_run shapes (espo_jax.train.dry_run): prompt tokens; response tokens (0 =
+    # rollout.max_new_tokens); layers to compile (0 = all; fewer extrapolates per layer);
+    # devices > 0 simulates that many CPU devices.
+    c.plan = ml_collections.ConfigDict(dict(prompt_len=512, response_len=0, layers=0,
+                                            devices=0))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     # jax.distributed.initialize() arguments; "" / 0 / -1 mean "let JAX detect it".
     c.distributed = ml_collections.ConfigDict(dict(

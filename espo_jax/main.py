@@ -1,7 +1,9 @@
 """Command line entry point: parse flags, validate, then train (``espo_jax.train.run``).
 
     python -m espo_jax.main --config=configs/default.py[:smoke] --workdir=runs/demo \
-        [--config.train.lr=1e-4 ...] [--debug]
+        [--config.train.lr=1e-4 ...] [--debug] [--dry_run]
+
+--dry_run: compile only and write WORKDIR/memory_plan.json (``espo_jax.train.dry_run``).
 
 The config is a locked ml_collections ConfigDict, so an unknown ``--config.<key>`` fails
 with a message naming the key. Re-running with the same --workdir resumes from its latest
@@ -31,6 +33,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "(local or gs://...).", flag_values=fv)
     flags.DEFINE_bool("debug", False, "Show tracebacks for configuration errors too "
                       "(also ESPO_DEBUG=1).", flag_values=fv)
+    flags.DEFINE_bool("dry_run", False, "Compile the train step, scoring pass and rollout "
+                      "from model.path/config.json alone (no weights, tokenizer or data), "
+                      "print per-device memory and write WORKDIR/memory_plan.json.",
+                      flag_values=fv)
     flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
@@ -89,13 +95,15 @@ def parse_flags(argv: list[str], fv: flags.FlagValues = flags.FLAGS) -> list[str
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; flags are --config, --workdir, "
-             "--config.<key>=<value>, --debug")
+             "--config.<key>=<value>, --debug, --dry_run")
     if "verbosity" in fv and not fv["verbosity"].present:  # orbax logs every save at INFO; -v 0 for it
         logging.set_verbosity(logging.WARNING)
     from espo_jax.train import run  # noqa: PLC0415  (after flags: keep --help fast)
     from espo_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
     from espo_jax.train.loop import NonFiniteError  # noqa: PLC0415
 
+    if "dry_run" in fv and fv["dry_run"].value:
+        from espo_jax.train.dry_run import run  # noqa: PLC0415,F811
     try:
         run(fv["config"].value, fv["workdir"].value)
     except NonFiniteError as e:

@@ -1,8 +1,11 @@
 """token_logprobs_and_entropy vs a float64 NumPy reference and autodiff through full logits."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from espo_jax.ops import reference, token_logprobs_and_entropy
 
@@ -108,15 +111,16 @@ def test_chunked_op_never_materialises_full_logits():
   """XLA's temp buffers for value-and-grad stay well below one [B,T,V] f32 array."""
   b, t, d, v = 2, 256, 8, 2048
   full = b * t * v * 4
-  h = jnp.ones((b, t, d)); w = jnp.ones((d, v)); y = jnp.zeros((b, t), jnp.int32)
+  h = jnp.ones((b, t, d)); w = jnp.ones((d, v)); y = jnp.arange(b * t).reshape(b, t) % v
 
   def temp_bytes(fn):
-    f = lambda h, w: jnp.sum(fn(h, w)[0] + fn(h, w)[1])
-    compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(h, w).compile()
+    # targets are an argument (data), not a constant XLA could fold into the loop
+    f = lambda h, w, y: jnp.sum(fn(h, w, y)[0] + fn(h, w, y)[1])
+    compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(h, w, y).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  ours = temp_bytes(lambda h, w: token_logprobs_and_entropy(h, w, y, chunk_size=32))
-  naive = temp_bytes(lambda h, w: reference(h, w, y))
+  ours = temp_bytes(lambda h, w, y: token_logprobs_and_entropy(h, w, y, chunk_size=32))
+  naive = temp_bytes(lambda h, w, y: reference(h, w, y))
   assert naive >= full  # the check can fail
   assert ours < full / 4, (ours, naive, full)
 
@@ -129,3 +133,89 @@ def test_bad_shapes_are_errors():
     token_logprobs_and_entropy(h, w, y[:, :3], chunk_size=8)
   with pytest.raises(ValueError, match="chunk_size"):
     token_logprobs_and_entropy(h, w, y, chunk_size=0)
+
+
+# ----------------------------------------------------------------- batch-sharded (FSDP) --
+def _mesh(n, explicit=False):
+  kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+  return jax.make_mesh((n,), ("fsdp",), axis_types=(kind,), devices=jax.devices()[:n])
+
+
+def _while_bodies(hlo: str) -> str:
+  """The text of every computation that is a while loop's body in compiled HLO text."""
+  names = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+  comps = re.split(r"\n(?=%|ENTRY)", hlo)
+  return "\n".join(c for c in comps if c.lstrip("%").split(" ")[0] in names)
+
+
+def _compile_sharded(n, b, t, d, v, chunk_size):
+  """value_and_grad of the op with hidden/targets sharded over an n-device fsdp axis."""
+  mesh = _mesh(n)
+  rows, rep = NamedSharding(mesh, PartitionSpec("fsdp")), NamedSharding(mesh, PartitionSpec())
+
+  def f(h, w, y):
+    logp, ent = token_logprobs_and_entropy(h, w, y, chunk_size=chunk_size, temperature=0.7)
+    return jnp.sum(logp) + 0.5 * jnp.sum(ent), (logp, ent)
+
+  fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True),
+               in_shardings=(rows, rep, rows))
+  sds = (jax.ShapeDtypeStruct((b, t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+         jax.ShapeDtypeStruct((b, t), jnp.int32))
+  with jax.set_mesh(mesh):  # what the train step does (espo_jax.train.mesh.under_mesh)
+    return mesh, fn, fn.lower(*sds).compile()
+
+
+def test_batch_sharded_op_never_gathers_activations_and_memory_falls_with_devices():
+  """Hidden states split over 8 devices on the batch axis: no all-gather (each device scores
+  its own rows), dW reduced once after the loop (not per block), per-device temporaries
+  ~1/8 of one device's, and values/gradients equal the unsharded float64 reference."""
+  assert jax.device_count() >= 8
+  b, t, d, v, chunk = 8, 256, 32, 1024, 512     # blocks of 8 x 64 positions
+  _, _, one = _compile_sharded(1, b, t, d, v, chunk)
+  mesh, fn, eight = _compile_sharded(8, b, t, d, v, chunk)
+  hlo = eight.as_text()
+  assert "all-gather" not in hlo, re.findall(r"= (\S+) all-gather", hlo)
+  assert "all-reduce" in hlo                    # the check can fail: dW is reduced ...
+  assert "all-reduce" not in _while_bodies(hlo)  # ... once, outside the loops
+  t1 = one.memory_analysis().temp_size_in_bytes
+  t8 = eight.memory_analysis().temp_size_in_bytes
+  dw = d * v * 4                                # one (replicated) dW per device
+  assert t1 > 8 * dw, (t1, dw)                  # block buffers dominate the check
+  assert t8 <= t1 / 8 + 2 * dw, (t8, t1, dw)
+
+  h, w, y = (jax.random.normal(jax.random.key(1), (b, t, d)),
+             jax.random.normal(jax.random.key(2), (d, v)) * 0.5,
+             jax.random.randint(jax.random.key(3), (b, t), 0, v))
+  rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+  with jax.set_mesh(mesh):
+    (_, (logp, ent)), (gh, gw) = fn(jax.device_put(h, rows), w, jax.device_put(y, rows))
+  assert logp.sharding.spec == gh.sharding.spec == PartitionSpec("fsdp")
+  ref_lp, ref_ent = numpy_f64(h, w, y, 0.7)
+  np.testing.assert_allclose(logp, ref_lp, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ent, ref_ent, rtol=1e-5, atol=1e-5)
+  loss = lambda h, w: (lambda lp, e: jnp.sum(lp) + 0.5 * jnp.sum(e))(
+      *reference(h, w, y, temperature=0.7))
+  rh, rw = jax.jit(jax.grad(loss, argnums=(0, 1)))(h, w)
+  np.testing.assert_allclose(gh, rh, rtol=2e-4, atol=2e-5 * float(jnp.abs(rh).max()))
+  np.testing.assert_allclose(gw, rw, rtol=2e-4, atol=2e-5 * float(jnp.abs(rw).max()))
+
+
+def test_explicit_axis_mesh_traces_and_keeps_the_batch_sharded():
+  """With an explicit-axis mesh (sharding in types) the op traces (no 'xs must be
+  replicated' error) and its outputs and dHidden stay batch-sharded."""
+  mesh = _mesh(8, explicit=True)
+  rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+  b, t, d, v = 8, 20, 8, 64
+  h = jax.random.normal(jax.random.key(4), (b, t, d))
+  w = jax.random.normal(jax.random.key(5), (d, v))
+  y = jax.random.randint(jax.random.key(6), (b, t), 0, v)
+  f = lambda h, w, y: jnp.sum(token_logprobs_and_entropy(h, w, y, chunk_size=24)[0])
+  with jax.set_mesh(mesh):
+    hs, ys = jax.device_put(h, rows), jax.device_put(y, rows)
+    gh, gw = jax.jit(jax.grad(f, argnums=(0, 1)))(hs, w, ys)
+    logp = jax.jit(lambda *a: token_logprobs_and_entropy(*a, chunk_size=24)[0])(hs, w, ys)
+  assert gh.sharding.spec[0] == logp.sharding.spec[0] == "fsdp"
+  np.testing.assert_allclose(logp, numpy_f64(h, w, y, 1.0)[0], rtol=1e-5, atol=1e-5)
+  rh, rw = jax.grad(lambda h, w: jnp.sum(reference(h, w, y)[0]), argnums=(0, 1))(h, w)
+  np.testing.assert_allclose(gh, rh, rtol=2e-4, atol=1e-5)
+  np.testing.assert_allclose(gw, rw, rtol=2e-4, atol=1e-4)

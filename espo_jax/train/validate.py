@@ -205,14 +205,23 @@ def _sampling(config) -> None:
         raise ValueError(f"rollout_correction.threshold must be > 0, got {rc.threshold}")
 
 
-def _files(config, workdir: Any) -> None:
+def _plan(config) -> None:
+    if "plan" not in config:  # configs saved before the dry run existed
+        return
+    _int(config, "plan.prompt_len", lo=1)
+    _int(config, "plan.response_len", lo=0)
+    _int(config, "plan.layers", lo=0)
+    _int(config, "plan.devices", lo=0)
+
+
+def _files(config, workdir: Any, check_data: bool = True) -> None:
     path = config.model.path
     if not path or not os.path.isdir(path):
         raise FileNotFoundError(f"model.path: model directory {path!r} does not exist")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model.path: {path} has no config.json (expected a Hugging "
                                 "Face model directory with config.json + *.safetensors)")
-    if config.task.name == "math":
+    if config.task.name == "math" and check_data:
         for key in ("train_file", "eval_file"):
             f = config.task[key]
             if not f:
@@ -236,12 +245,13 @@ def _resume_keys(config) -> None:
 
 
 def validate(config, num_devices: int | None = None, *, workdir: Any = None,
-             check_files: bool = True) -> dict[str, int]:
+             check_files: bool = True, check_data: bool = True) -> dict[str, int]:
     """Checks ``config`` for a run on ``num_devices`` devices (default: all jax devices).
 
     ``workdir``: also check it is a directory (or absent); ``check_files``: check that
     model.path and the task's data files exist (off for configs whose paths are
-    placeholders, e.g. the paper config validated on a laptop). Returns the mesh shape.
+    placeholders, e.g. the paper config validated on a laptop); ``check_data=False`` checks
+    model.path/config.json but not the data files (the dry run). Returns the mesh shape.
     Raises ValueError / FileNotFoundError with one line naming the key and what is allowed.
     """
     if num_devices is None:
@@ -257,6 +267,7 @@ def validate(config, num_devices: int | None = None, *, workdir: Any = None,
     _eval_and_io(config, batch_devices)
     _sampling(config)
     _resume_keys(config)
+    _plan(config)
     if check_files:
-        _files(config, workdir)
+        _files(config, workdir, check_data)
     return shape

@@ -109,7 +109,8 @@ def make_batch(key, cfg: ModelConfig, batch: int, prompt_len: int, response_len:
 
 def build(args):
     """Mesh, shardings, abstract state and the product's jitted train step
-    (``espo_jax.train.step.make_train_step``); shared with tests/test_sharding_aot.py."""
+    (``espo_jax.train.step.make_train_step``); ``espo_jax.train.dry_run`` (``--dry_run``)
+    compiles the same from a run config."""
     from espo_jax.train.optim import make_optimizer
     from espo_jax.train.state import TrainState, state_shardings
     from espo_jax.train.step import make_train_step
