@@ -17,7 +17,7 @@ configured shapes on the configured mesh, compiles (``jit(...).lower(...).compil
 
 and prints XLA's per-device memory for each (arguments, temporaries, outputs, total =
 arguments + outputs - donated/aliased + temporaries; compile time), the increment per
-layer (a second compile at depth 1, or 2 for a one-layer model) and writes
+layer (a second compile at depth 1, or 2 with ``model.scan_layers``) and writes
 ``W/memory_plan.json``::
 
     {"devices": n, "mesh": {"data": .., "fsdp": .., "tensor": ..},
@@ -333,8 +333,10 @@ def plan(config, *, phases=PHASES, log=print) -> dict:
     shapes = plan_shapes(config, mesh_lib.batch_divisor(mesh),
                          model_config(config).max_position_embeddings)
     want = int(config.plan.get("layers", 0)) or depth
-    d_big = min(want, depth)
-    d_small = 1 if d_big > 1 else 2   # a one-layer model: the second compile has two
+    # Scanned layers take the scan path from two layers on (one layer runs unscanned), so
+    # both compiles must be scanned for the increment to be the scanned layer's cost.
+    d_small = 2 if model_config(config).scan_layers else 1
+    d_big = max(min(want, depth), d_small + 1)
     t0 = time.perf_counter()
     runs = {d: compile_phases(config, mesh, shapes, num_layers=d, phases=phases)
             for d in sorted({d_small, d_big})}
