@@ -1,6 +1,7 @@
 """Logical axis names -> mesh `PartitionSpec` / `NamedSharding`.
 
-`rules` maps a logical name ("vocab", "embed", "heads", "kv_heads", "mlp", "norm") to a
+`rules` maps a logical name ("vocab", "embed", "heads", "kv_heads", "mlp", "norm",
+"experts") to a
 mesh axis name, a tuple of names, or None. Either a mapping or a sequence of
 (logical, mesh_axes) pairs (first match wins, as in flax's logical rules). A mesh axis
 is used at most once per spec, axes absent from the mesh are dropped, and a dimension
@@ -14,8 +15,17 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# The mesh axes a batch (leading) dim is split over.
+# The mesh axes a batch (leading) dim is split over; "expert" joins them when the mesh has
+# it with size > 1 (`batch_axes`): expert-parallel ranks are data-parallel for every
+# non-expert weight.
 BATCH_AXES = ("data", "fsdp")
+
+
+def batch_axes(mesh) -> tuple:
+  """("data", "fsdp"), with "expert" in front of "fsdp" when the mesh splits experts."""
+  if "expert" in mesh.axis_names and mesh.shape["expert"] > 1:
+    return ("data", "expert", "fsdp")
+  return BATCH_AXES
 
 # Used by `from_pretrained(mesh=...)` when no rules are given: FSDP on the model width,
 # tensor parallelism on heads / mlp / vocab.
@@ -26,6 +36,7 @@ DEFAULT_RULES = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    ("experts", "expert"),  # stacked MoE expert weights [E, ...]: expert parallelism
 )
 
 
@@ -78,7 +89,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  axes = tuple(a for a in batch_axes(mesh) if a in mesh.axis_names and mesh.shape[a] > 1)
   if not axes or x.ndim == 0 or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
     return x
   return jax.lax.with_sharding_constraint(x, PartitionSpec(axes if len(axes) > 1 else axes[0]))

@@ -18,7 +18,9 @@ from espo_jax.models.sharding import DEFAULT_RULES as _MODEL_RULES
 
 log = logging.getLogger("espo_jax.train.mesh")
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# "expert" is last so that configs and code written for three axes keep their meaning;
+# expert-parallel groups are then the mesh's innermost (closest) devices.
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical axis name -> mesh axis (str, tuple of str, or None = replicated). The very
 # table `from_pretrained(mesh=...)` uses by default, so loaded weights and the jitted

@@ -24,7 +24,7 @@ from espo_jax.objectives import resolve_hparams
 from espo_jax.objectives.advantages import ESTIMATORS
 
 TASKS = ("arith", "math")
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 _VOCAB_PLACEHOLDER = 2  # espo's vocab_size is a runtime value (the model's); any valid one
 
 
@@ -77,6 +77,9 @@ def mesh_shape(config, num_devices: int) -> dict[str, int]:
 
     sizes = []
     for a in MESH_AXES:
+        if a == "expert" and "expert" not in config.mesh:  # configs from before MoE
+            sizes.append(1)
+            continue
         sizes.append(_int(config, f"mesh.{a}", lo=-1))
     return dict(zip(MESH_AXES, resolve_mesh_shape(sizes, int(num_devices))))
 
@@ -165,6 +168,11 @@ def _eval_and_io(config, batch_devices: int) -> None:
     _int(config, "seed", lo=0)
     if config.dapo.dynamic_sampling:
         _int(config, "dapo.max_sampling_tries", lo=1)
+    if not isinstance(config.model.get("routing_replay", False), bool):
+        raise ValueError(f"model.routing_replay must be True or False, "
+                         f"got {config.model.routing_replay!r}")
+    if "moe_aux_loss_coef" in config.train:
+        _float(config, "train.moe_aux_loss_coef", lo=0.0)
     for key in ("model.dtype", "model.param_dtype"):
         try:
             canonical_dtype(_get(config, key))
@@ -241,7 +249,7 @@ def validate(config, num_devices: int | None = None, *, workdir: Any = None,
                          f"{list(TASKS)}")
     _objective(config)
     shape = mesh_shape(config, num_devices)
-    batch_devices = shape["data"] * shape["fsdp"]
+    batch_devices = shape["data"] * shape["fsdp"] * shape["expert"]  # batch_axes
     _batches(config, batch_devices)
     _eval_and_io(config, batch_devices)
     _sampling(config)
