@@ -140,7 +140,8 @@ def test_grouped_experts_equal_dense_and_replay_forces_selection(norm):
             u = x64[i] @ np.asarray(up[ei], np.float64)
             ref[i] += wi[j] * ((g / (1 + np.exp(-g))) * u) @ np.asarray(down[ei], np.float64)
     for fn in (grouped_swiglu, dense_swiglu):
-        np.testing.assert_allclose(fn(x, ex, w, gate, up, down, jnp.float32), ref, atol=1e-5)
+        out = jax.jit(fn, static_argnums=6)(x, ex, w, gate, up, down, jnp.float32)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
     # Replay: forced experts, weights from the current probs at those experts.
     forced = jnp.stack([jnp.arange(n) % e, (jnp.arange(n) + 3) % e], -1).astype(jnp.int32)
     w2, ex2, topk2, _ = route(logits, k, norm, forced)
@@ -150,3 +151,132 @@ def test_grouped_experts_equal_dense_and_replay_forces_selection(norm):
     if norm:
         want = want / want.sum(-1, keepdims=True)
     np.testing.assert_allclose(w2, want, rtol=1e-6)
+
+
+# -- training: routing replay, router agreement, load-balancing loss, expert parallelism --
+
+def _state(model, mesh=None):
+    import optax
+    from espo_jax.train import mesh as mesh_lib
+    from espo_jax.train.state import create_state, state_shardings
+    tx = optax.sgd(0.5)
+    sh = None
+    if mesh is not None:
+        sh = state_shardings(model, tx, mesh, param_shardings_fn=mesh_lib.param_shardings,
+                             opt_shardings_fn=mesh_lib.opt_state_shardings)
+    return tx, create_state(model, tx, shardings=sh), sh
+
+
+@pytest.fixture(scope="module")
+def rollout(tmp_path_factory):
+    """A tiny MoE policy, its rollout (8 rows, routed experts recorded) and HF twin."""
+    from espo_jax.rollout import generate
+    hf = make_hf(True, seed=1)
+    path = tmp_path_factory.mktemp("moe_train")
+    hf.save_pretrained(path)
+    model = from_pretrained(path, dtype="float32")
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(1, V, size=n)) for n in (5, 9, 3, 7)]
+    ro = generate(model, prompts, max_new_tokens=8, temperature=1.0, key=jax.random.key(3),
+                  eos_id=7, num_samples=2, pad_id=0)
+    return hf, model, jax.device_get(ro)
+
+
+def _batch(ro, old_logp, routed):
+    b = ro.tokens.shape[0]
+    return dict(prompt_tokens=ro.prompt_tokens, prompt_mask=ro.prompt_mask, tokens=ro.tokens,
+                mask=ro.mask, old_logp=np.asarray(old_logp), entropy=np.zeros_like(ro.mask),
+                advantages=np.linspace(-1, 1, b).astype(np.float32), routed_experts=routed)
+
+
+def test_routing_replay_first_minibatch_ratios_are_one(rollout):
+    from espo_jax.train.step import make_score_fn, make_train_step
+    _, model, ro = rollout
+    tx, state, _ = _state(model)
+    score = make_score_fn(state.graphdef, chunk_size=16, temperature=1.0)
+    routed = np.asarray(ro.routed_experts)
+    other = (routed + 1) % 8  # forced experts that are never the router's own top-2 set
+    old_nat, _ = score(state.params, state.rest, ro.prompt_tokens, ro.prompt_mask, ro.tokens,
+                       routed)
+    old_rep, _ = score(state.params, state.rest, ro.prompt_tokens, ro.prompt_mask, ro.tokens,
+                       other)
+    valid = ro.mask > 0
+    # Replaying the sampler's own experts gives the sampled log-probs (float32) ...
+    np.testing.assert_allclose(np.asarray(old_nat)[valid], ro.logprobs[valid], atol=2e-5)
+    # ... and forcing other experts really changes them.
+    assert np.abs(np.asarray(old_rep) - np.asarray(old_nat))[valid].max() > 1e-3
+    replay = make_train_step(tx, "espo", {"vocab_size": V}, chunk_size=16, temperature=1.0,
+                             routing_replay=True)
+    _, m, _ = replay(state, {k: jnp.asarray(v) for k, v in _batch(ro, old_rep, other).items()})
+    assert float(m["ratio_dev_max"]) < 1e-5          # pi_old and pi_theta on the same experts
+    assert float(m["moe/router_agreement"]) == 0.0   # the forced sets are never the top-k
+    _, state, _ = _state(model)
+    _, m, _ = replay(state, {k: jnp.asarray(v) for k, v in _batch(ro, old_nat, routed).items()})
+    assert float(m["ratio_dev_max"]) < 1e-5
+    assert float(m["moe/router_agreement"]) == 1.0
+
+
+@pytest.fixture(scope="module")
+def one_device_step(rollout):
+    """(batch, state after one update, metrics) on one device: no replay, aux loss on."""
+    from espo_jax.train.step import make_train_step
+    _, model, ro = rollout
+    # An old policy away from the current one: ratios (and clipping) away from the boundary.
+    noise = np.random.default_rng(2).normal(0, 0.05, ro.logprobs.shape).astype(np.float32)
+    batch = _batch(ro, ro.logprobs + noise, np.asarray(ro.routed_experts))
+    batch["entropy"] = np.full_like(ro.logprobs, 0.5)
+    tx, state, _ = _state(model)
+    step = make_train_step(tx, "espo", {"vocab_size": V}, chunk_size=16, temperature=1.0,
+                           moe_aux_loss_coef=0.01)
+    s1, m1, _ = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+    return batch, s1, jax.device_get(m1)
+
+
+def test_agreement_load_and_aux_loss_match_transformers(rollout, one_device_step):
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+    hf, _, ro = rollout
+    _, _, m = one_device_step
+    # Without replay the agreement is still reported (same params as the sampler: all agree).
+    assert float(m["moe/router_agreement"]) == 1.0
+    assert 0 < float(m["moe/expert_load_min"]) <= float(m["moe/expert_load_max"]) < 2
+    ids = np.concatenate([ro.prompt_tokens, ro.tokens[:, :-1]], 1)
+    valid = np.concatenate([ro.prompt_mask, ro.mask[:, :-1]], 1).astype(np.int64)
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+                 attention_mask=torch.tensor(valid),
+                 position_ids=torch.tensor(np.maximum(np.cumsum(valid, 1) - 1, 0)),
+                 output_router_logits=True)
+    ref = load_balancing_loss_func(out.router_logits, 8, 2, torch.tensor(valid))
+    np.testing.assert_allclose(float(m["moe/aux_loss"]), 0.01 * float(ref), rtol=1e-5)
+    # Expert load: top-k counts per (layer, expert) over the valid tokens.
+    sel = [torch.topk(g, 2, -1).indices.numpy().reshape(*ids.shape, 2) for g in out.router_logits]
+    share = [np.bincount(s[valid > 0].ravel(), minlength=8) / valid.sum() for s in sel]
+    np.testing.assert_allclose(float(m["moe/expert_load_max"]), np.max(share), rtol=1e-6)
+    np.testing.assert_allclose(float(m["moe/expert_load_min"]), np.min(share), rtol=1e-6)
+
+
+def test_expert_parallel_step_equals_one_device(rollout, one_device_step):
+    from espo_jax.train import mesh as mesh_lib
+    from espo_jax.train.step import make_train_step
+    from jax.sharding import PartitionSpec as P
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    _, model, _ = rollout
+    batch, s1, m1 = one_device_step
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=2, tensor=1, expert=4))
+    tx, state, sh = _state(model, mesh)
+    spec = sh.params["layers"][0]["mlp"]["experts"]["gate_proj"].get_value().spec
+    assert spec == P("expert", "fsdp", None)         # [E, D, F]: experts split 4 ways
+    bs = mesh_lib.batch_sharding(mesh)
+    assert bs.spec == P(("data", "expert", "fsdp"))  # the batch over all 8 devices
+    ep = mesh_lib.under_mesh(make_train_step(
+        tx, "espo", {"vocab_size": V}, chunk_size=16, temperature=1.0, moe_aux_loss_coef=0.01,
+        state_shardings=sh, batch_sharding=bs), mesh)
+    s8, m8, _ = ep(state, mesh_lib.shard_batch(batch, mesh))
+    for k in ("loss", "grad_norm", "moe/aux_loss", "moe/router_agreement",
+              "moe/expert_load_max"):
+        np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=1e-3, err_msg=k)
+    for i in (0, 2):
+        w1 = np.asarray(s1.params["layers"][i]["mlp"]["experts"]["down_proj"].get_value())
+        w8 = np.asarray(s8.params["layers"][i]["mlp"]["experts"]["down_proj"].get_value())
+        np.testing.assert_allclose(w8, w1, rtol=1e-3, atol=1e-6)
