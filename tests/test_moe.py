@@ -103,23 +103,6 @@ def test_export_round_trip_through_transformers(hf_dir, tmp_path):
                                   np.asarray(_forward(model, ids, mask)[0]))
 
 
-def test_greedy_generate_matches_transformers(hf_dir):
-    from espo_jax.rollout import generate
-    hf, path = hf_dir
-    model = from_pretrained(path, dtype="float32")
-    prompts = [[5, 9, 17, 3, 44, 2, 7], [11, 12]]
-    n = 12
-    ro = generate(model, prompts, max_new_tokens=n, temperature=0.0, key=jax.random.key(0),
-                  eos_id=None, pad_id=0)
-    for i, p in enumerate(prompts):
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
-                              min_new_tokens=n, pad_token_id=0)
-        np.testing.assert_array_equal(np.asarray(ro.tokens[i]), out[0, len(p):].numpy())
-    # The sampler records the experts of every cache slot (prompt + response): [B,P+N,L,k].
-    assert ro.routed_experts.shape == (2, ro.prompt_tokens.shape[1] + n, 2, 2)
-
-
 @pytest.mark.parametrize("norm", [True, False])
 def test_grouped_experts_equal_dense_and_replay_forces_selection(norm):
     k0, k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 5)
@@ -131,14 +114,13 @@ def test_grouped_experts_equal_dense_and_replay_forces_selection(norm):
     w, ex, topk, probs = route(logits, k, norm)
     np.testing.assert_array_equal(ex, topk)
     ref = np.zeros((n, d))
-    x64, p64 = np.asarray(x, np.float64), np.asarray(probs, np.float64)
+    x64, p64, g64, u64, d64 = (np.asarray(a, np.float64) for a in (x, probs, gate, up, down))
     for i in range(n):  # float64 loop reference
         sel = np.argsort(-p64[i])[:k]
         wi = p64[i, sel] / (p64[i, sel].sum() if norm else 1.0)
         for j, ei in enumerate(sel):
-            g = x64[i] @ np.asarray(gate[ei], np.float64)
-            u = x64[i] @ np.asarray(up[ei], np.float64)
-            ref[i] += wi[j] * ((g / (1 + np.exp(-g))) * u) @ np.asarray(down[ei], np.float64)
+            g, u = x64[i] @ g64[ei], x64[i] @ u64[ei]
+            ref[i] += wi[j] * ((g / (1 + np.exp(-g))) * u) @ d64[ei]
     for fn in (grouped_swiglu, dense_swiglu):
         out = jax.jit(fn, static_argnums=6)(x, ex, w, gate, up, down, jnp.float32)
         np.testing.assert_allclose(out, ref, atol=1e-5)
@@ -180,6 +162,22 @@ def rollout(tmp_path_factory):
     ro = generate(model, prompts, max_new_tokens=8, temperature=1.0, key=jax.random.key(3),
                   eos_id=7, num_samples=2, pad_id=0)
     return hf, model, jax.device_get(ro)
+
+
+def test_greedy_generate_matches_transformers(rollout):
+    from espo_jax.rollout import generate
+    hf, model, _ = rollout
+    prompts = [[5, 9, 17, 3, 44, 2, 7], [11, 12]]
+    n = 12
+    ro = generate(model, prompts, max_new_tokens=n, temperature=0.0, key=jax.random.key(0),
+                  eos_id=None, pad_id=0)
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                              min_new_tokens=n, pad_token_id=0)
+        np.testing.assert_array_equal(np.asarray(ro.tokens[i]), out[0, len(p):].numpy())
+    # The sampler records the experts of every cache slot (prompt + response): [B,P+N,L,k].
+    assert ro.routed_experts.shape == (2, ro.prompt_tokens.shape[1] + n, 2, 2)
 
 
 def _batch(ro, old_logp, routed):
