@@ -278,3 +278,36 @@ def test_expert_parallel_step_equals_one_device(rollout, one_device_step):
         w1 = np.asarray(s1.params["layers"][i]["mlp"]["experts"]["down_proj"].get_value())
         w8 = np.asarray(s8.params["layers"][i]["mlp"]["experts"]["down_proj"].get_value())
         np.testing.assert_allclose(w8, w1, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("mesh.expert", 16, "needs 16 devices"),
+    ("train.moe_aux_loss_coef", -0.1, "train.moe_aux_loss_coef must be >= 0"),
+    ("mesh.expert", 0, "mesh sizes must be >= 1 or -1"),
+    ("mesh.expert", 3, "does not divide"),
+])
+def test_bad_moe_config_keys_are_one_line_errors(key, value, msg):
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "configs"))
+    import default  # noqa: PLC0415
+    from espo_jax.train.validate import validate
+    config = default.get_config("smoke")
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=msg):
+        validate(config, num_devices=8, check_files=False)
+
+
+def test_moe_config_errors():
+    from espo_jax.models import ModelConfig
+    d = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=8, hidden_size=8,
+             intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=4)
+    assert ModelConfig.from_hf(d).moe_layers == (0,)
+    with pytest.raises(ValueError, match="moe_impl must be one of"):
+        ModelConfig.from_hf(d, moe_impl="loop")
+    with pytest.raises(ValueError, match="num_experts_per_tok must be in"):
+        ModelConfig.from_hf({**d, "num_experts_per_tok": 5})
+    with pytest.raises(KeyError, match="moe_intermediate_size"):
+        ModelConfig.from_hf({k: v for k, v in d.items() if k != "moe_intermediate_size"})
