@@ -13,6 +13,15 @@ grouped matmul per projection, no Python loop over experts, no token dropping); 
 unsorted and summed with the routing weights. "dense" runs every expert on every token and
 masks (E/k times the FLOPs): a reference for tests and benchmarks.
 
+Expert parallelism (an active mesh whose "expert" axis is > 1, e.g. inside the jitted train
+step under `jax.set_mesh`): `expert_parallel_swiglu`, a shard_map in which each device
+all-gathers the tokens of its expert group (the devices along "expert"), runs only its
+E/|expert| experts on the assignments routed to them, and reduce-scatters the partial
+outputs back; expert weights are all-gathered over "fsdp" like any FSDP weight. Left to
+GSPMD alone, the sorted-token ragged_dot with expert-sharded weights all-gathers every
+token assignment on every device and all-reduces [N*k, F] partial products
+(experiments/benchmarks/moe.py --ep counts both).
+
 Routing replay: `routed` i32[..., k] forces the experts (e.g. those the rollout used); their
 weights are the current router's probs at those experts (renormalised when
 `norm_topk_prob`), so gradients still reach the router.
@@ -25,6 +34,7 @@ from flax import nnx
 
 from espo_jax.models.config import ModelConfig
 from espo_jax.models.layers import Linear, param
+from espo_jax.models.sharding import batch_axes
 
 
 def route(logits, k: int, norm_topk_prob: bool, routed=None):
@@ -50,18 +60,70 @@ def grouped_swiglu(x, experts, weights, gate, up, down, dtype):
   """sum_j weights[n,j] * SwiGLU_{experts[n,j]}(x[n]) via sorted tokens + ragged_dot.
 
   x [N,D]; experts i32[N,k]; weights f32[N,k]; gate, up [E,D,F]; down [E,F,D] -> [N,D] dtype.
+  An expert id >= E (not one of these experts) contributes nothing.
   """
   n, k = experts.shape
   e = gate.shape[0]
   flat = experts.reshape(-1)                                   # [N*k]
   order = jnp.argsort(flat, stable=True)                       # assignments sorted by expert
-  sizes = jnp.bincount(flat, length=e).astype(jnp.int32)       # [E] group sizes
+  sizes = jnp.bincount(flat, length=e + 1)[:e].astype(jnp.int32)  # [E] group sizes
   xs = jnp.take(x.astype(dtype), order // k, axis=0)           # [N*k, D]
   g = jax.lax.ragged_dot(xs, gate.astype(dtype), sizes)
   u = jax.lax.ragged_dot(xs, up.astype(dtype), sizes)
   ys = jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(dtype), sizes)  # [N*k, D]
   ys = jnp.take(ys, jnp.argsort(order), axis=0).reshape(n, k, -1)
+  ys = jnp.where((experts < e)[..., None], ys, 0)              # rows outside every group
   return jnp.einsum("nkd,nk->nd", ys, weights.astype(dtype))
+
+
+def _ep_axes(mesh, n, d, f, e):
+  """(row axes, fsdp axis or None, tensor axis or None) when the expert-parallel shard_map
+  applies to these shapes on `mesh`, else None."""
+  if mesh.empty or "expert" not in mesh.axis_names or mesh.shape["expert"] <= 1:
+    return None
+  big = lambda a: a in mesh.axis_names and mesh.shape[a] > 1  # noqa: E731
+  rows = tuple(a for a in batch_axes(mesh) if big(a))
+  fs = "fsdp" if big("fsdp") else None
+  tp = "tensor" if big("tensor") else None
+  size = lambda a: mesh.shape[a] if a else 1  # noqa: E731
+  nrows = 1
+  for a in rows:
+    nrows *= mesh.shape[a]
+  if n % nrows or e % mesh.shape["expert"] or d % size(fs) or f % size(tp):
+    return None
+  return rows, fs, tp
+
+
+def expert_parallel_swiglu(x, experts, weights, gate, up, down, dtype, mesh, axes):
+  """`grouped_swiglu` under shard_map: tokens gathered within each expert group, local
+  experts only, partial outputs reduce-scattered back (see the module docstring).
+
+  x [N,D] rows split over `axes[0]`; gate, up [E,D,F] as ("expert", fsdp, tensor); down
+  [E,F,D] as ("expert", tensor, fsdp). Returns [N,D] split like x.
+  """
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+  rows, fs, tp = axes
+  el = gate.shape[0] // mesh.shape["expert"]
+  row = P(rows, None)
+
+  def local(x, ex, w, g, u, dn):
+    gather = lambda a: jax.lax.all_gather(a, "expert", tiled=True)  # noqa: E731
+    x, ex, w = gather(x), gather(ex), gather(w)                # this expert group's tokens
+    if fs is not None:                                         # FSDP: whole D per expert
+      g = jax.lax.all_gather(g, fs, axis=1, tiled=True)
+      u = jax.lax.all_gather(u, fs, axis=1, tiled=True)
+      dn = jax.lax.all_gather(dn, fs, axis=2, tiled=True)
+    loc = ex - jax.lax.axis_index("expert") * el               # local expert ids
+    mine = (loc >= 0) & (loc < el)
+    y = grouped_swiglu(x, jnp.where(mine, loc, el), jnp.where(mine, w, 0.0), g, u, dn, dtype)
+    if tp is not None:                                         # F split: partial sums
+      y = jax.lax.psum(y, tp)
+    return jax.lax.psum_scatter(y, "expert", tiled=True)
+
+  fn = jax.shard_map(local, mesh=mesh, out_specs=row,
+                     in_specs=(row, row, row, P("expert", fs, tp), P("expert", fs, tp),
+                               P("expert", tp, fs)))
+  return fn(x, experts, weights.astype(jnp.float32), gate, up, down)
 
 
 def dense_swiglu(x, experts, weights, gate, up, down, dtype):
@@ -109,9 +171,17 @@ class MoE(nnx.Module):
                      preferred_element_type=jnp.float32)
     rf = None if routed is None else routed.reshape(b * t, -1)
     w, experts, topk, probs = route(logits, self.top_k, self.norm_topk_prob, rf)
-    fn = grouped_swiglu if self.impl == "ragged" else dense_swiglu
     ex = self.experts
-    y = fn(xf, experts, w, ex.gate_proj[...], ex.up_proj[...], ex.down_proj[...], self.dtype)
+    args = (xf, experts, w, ex.gate_proj[...], ex.up_proj[...], ex.down_proj[...], self.dtype)
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = None
+    if self.impl == "ragged":
+      _, f = ex.gate_proj.get_value().shape[1:]
+      axes = _ep_axes(mesh, b * t, d, f, ex.gate_proj.get_value().shape[0])
+    if axes is not None:
+      y = expert_parallel_swiglu(*args, mesh, axes)
+    else:
+      y = (grouped_swiglu if self.impl == "ragged" else dense_swiglu)(*args)
     routing = {"experts": topk.reshape(b, t, -1), "probs": probs.reshape(b, t, -1)}
     return y.reshape(b, t, d), routing
 

@@ -9,7 +9,9 @@ correctness-of-plumbing figure; run it on a GPU/TPU for the grouped-kernel figur
 
 --ep additionally compiles the same block under a simulated 8-device mesh
 (expert=4 x fsdp=2; expert weights [E,D,F] on ("expert","fsdp"), tokens over all 8) and
-counts the collectives in the optimized HLO: what the compiler does from shardings alone.
+counts the collectives in the optimized HLO: "ragged" / "dense" = what the compiler does
+from shardings alone (GSPMD), "shard_map" = the model's expert-parallel path
+(`espo_jax.models.moe.expert_parallel_swiglu`).
 
   .venv/bin/python experiments/benchmarks/moe.py                 # N=4096 D=256 F=128 E=32 k=4
   .venv/bin/python experiments/benchmarks/moe.py --quick --ep    # small, < 1 min on CPU
@@ -56,11 +58,16 @@ def _inputs(a):
   return x, ex, w, gate, up, down
 
 
-def _loss_fn(impl, dtype):
+def _loss_fn(impl, dtype, mesh=None):
   import jax
   import jax.numpy as jnp
-  from espo_jax.models.moe import dense_swiglu, grouped_swiglu
+  from espo_jax.models.moe import (_ep_axes, dense_swiglu, expert_parallel_swiglu,
+                                   grouped_swiglu)
   fn = grouped_swiglu if impl == "ragged" else dense_swiglu
+  if impl == "shard_map":
+    def fn(x, ex, w, gate, up, down, dtype):
+      axes = _ep_axes(mesh, x.shape[0], x.shape[1], gate.shape[2], gate.shape[0])
+      return expert_parallel_swiglu(x, ex, w, gate, up, down, dtype, mesh, axes)
 
   def loss(x, gate, up, down, ex, w):
     return jnp.sum(fn(x, ex, w, gate, up, down, dtype).astype(jnp.float32))
@@ -118,9 +125,10 @@ def run_ep(a) -> dict:
   args = (jax.device_put(x, rows), jax.device_put(gate, wsh), jax.device_put(up, wsh),
           jax.device_put(down, dsh), jax.device_put(ex, rows), jax.device_put(w, rows))
   out = {}
-  for impl in ("ragged", "dense"):
+  for impl in ("ragged", "dense", "shard_map"):
     with jax.set_mesh(mesh):
-      compiled = jax.jit(_loss_fn(impl, jnp.dtype(a.dtype))).lower(*args).compile()
+      compiled = jax.jit(_loss_fn(impl, jnp.dtype(a.dtype), mesh.abstract_mesh)).lower(
+          *args).compile()
     hlo = compiled.as_text()
     counts = {}
     for op in _COLLECTIVES:
@@ -169,7 +177,7 @@ def main(argv=None) -> dict:
           "in the optimized HLO, count (result MiB)")
     for impl, counts in ep.items():
       desc = ", ".join(f"{op} {n} ({mib:.2f})" for op, (n, mib) in counts.items()) or "none"
-      print(f"  {impl:<8}{desc}")
+      print(f"  {impl:<11}{desc}")
   return res
 
 
