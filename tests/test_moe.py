@@ -266,11 +266,11 @@ def test_expert_parallel_step_equals_one_device(rollout, one_device_step):
     spec = sh.params["layers"][0]["mlp"]["experts"]["gate_proj"].get_value().spec
     assert spec == P("expert", "fsdp", None)         # [E, D, F]: experts split 4 ways
     bs = mesh_lib.batch_sharding(mesh)
-    assert bs.spec == P(("data", "expert", "fsdp"))  # the batch over all 8 devices
+    assert bs.spec == P(("data", "fsdp", "expert"))  # the batch over all 8 devices
     # These shapes take the shard_map expert-parallel path (rows over expert x fsdp).
     from espo_jax.models.moe import _ep_axes
     n = batch["tokens"].shape[0] * (batch["prompt_tokens"].shape[1] + 7)
-    assert _ep_axes(mesh.abstract_mesh, n, 32, 16, 8) == (("expert", "fsdp"), "fsdp", None)
+    assert _ep_axes(mesh.abstract_mesh, n, 32, 16, 8) == (("fsdp", "expert"), "fsdp", None)
     ep = mesh_lib.under_mesh(make_train_step(
         tx, "espo", {"vocab_size": V}, chunk_size=16, temperature=1.0, moe_aux_loss_coef=0.01,
         state_shardings=sh, batch_sharding=bs), mesh)

@@ -22,9 +22,9 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def batch_axes(mesh) -> tuple:
-  """("data", "fsdp"), with "expert" in front of "fsdp" when the mesh splits experts."""
+  """("data", "fsdp"), then "expert" when the mesh splits experts (mesh device order)."""
   if "expert" in mesh.axis_names and mesh.shape["expert"] > 1:
-    return ("data", "expert", "fsdp")
+    return ("data", "fsdp", "expert")
   return BATCH_AXES
 
 # Used by `from_pretrained(mesh=...)` when no rules are given: FSDP on the model width,

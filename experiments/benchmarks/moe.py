@@ -119,7 +119,7 @@ def run_ep(a) -> dict:
   from espo_jax.train import mesh as mesh_lib
   mesh = mesh_lib.make_mesh(dict(data=1, fsdp=2, tensor=1, expert=4))
   x, ex, w, gate, up, down = _inputs(a)
-  rows = NamedSharding(mesh, P(("data", "expert", "fsdp")))
+  rows = NamedSharding(mesh, P(("data", "fsdp", "expert")))
   wsh = NamedSharding(mesh, P("expert", "fsdp", None))
   dsh = NamedSharding(mesh, P("expert", None, "fsdp"))
   args = (jax.device_put(x, rows), jax.device_put(gate, wsh), jax.device_put(up, wsh),

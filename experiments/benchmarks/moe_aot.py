@@ -2,6 +2,11 @@
 64 simulated CPU devices (mesh expert=8 x fsdp=8), one sequence per device; prints XLA's
 per-device memory (arguments = params + AdamW state, temporaries = grads + activations).
 
+Arguments are exact. Temporaries are NOT meaningful on CPU for MoE: XLA's CPU lowering of
+`jax.lax.ragged_dot` is dense (every row through every local expert: [N*k, E/|expert|, F]
+buffers), so the CPU figure grows with the expert count (measured: ~100 GiB per layer at 8k
+tokens); measure temporaries on a GPU/TPU, where ragged_dot is a grouped kernel.
+
 Abstract shapes only (no weights). Compiling all 48 layers is slow on a small CPU, so by
 default 1 and 2 layers are compiled and the per-layer increase is extrapolated linearly to
 48 (arguments exactly, temporaries approximately; --full compiles all layers).
