@@ -315,3 +315,22 @@ def test_moe_config_errors():
         ModelConfig.from_hf({**d, "num_experts_per_tok": 5})
     with pytest.raises(KeyError, match="moe_intermediate_size"):
         ModelConfig.from_hf({k: v for k, v in d.items() if k != "moe_intermediate_size"})
+
+
+def test_moe_keys_on_a_dense_model_are_errors(tmp_path):
+    import json
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "configs"))
+    import default  # noqa: PLC0415
+    from espo_jax.train.validate import validate
+    config = default.get_config("smoke")  # the dense arith model
+    validate(config, num_devices=1)
+    config.model.routing_replay = True
+    with pytest.raises(ValueError, match="model.routing_replay is set but model.path is not"):
+        validate(config, num_devices=1)
+    moe = tmp_path / "moe"
+    moe.mkdir()
+    (moe / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}))
+    config.model.path = str(moe)
+    validate(config, num_devices=1)

@@ -38,10 +38,11 @@ class Rollout(NamedTuple):
     logprobs      f32[B, N]  log-prob of each token under the distribution it was
                              drawn from (see ``sampling``); 0 where mask is 0
     lengths       i32[B]     number of response tokens (= mask.sum(-1))
-    routed_experts i32[B, P + N, L, k] or None: MoE models only, the experts each of the
+    routed_experts u8[B, P + N, L, k] or None: MoE models only, the experts each of the
                              L sparse layers picked for the token at each cache slot
                              (prompt, then response; the last response token is never fed
-                             back, its slot stays 0); for routing replay
+                             back, its slot stays 0); for routing replay. uint8 (int16
+                             above 256 experts): Qwen3-30B-A3B records 384 ids per token
     """
     prompt_tokens: jax.Array
     prompt_mask: jax.Array
@@ -96,7 +97,7 @@ def decode(
     state: the model's nnx.State; prompt_ids i32[B, P] left-padded, prompt_mask i32[B, P]
     (each row ends in a real token), key a PRNG key, temperature / top_p f32 scalars,
     eos_ids i32[E] (E may be 0) -> (tokens i32[B, N], mask f32[B, N], logprobs f32[B, N]),
-    plus routed_experts i32[B, P + N, L, k] for an MoE model (``Rollout``).
+    plus routed_experts u8[B, P + N, L, k] for an MoE model (``Rollout``).
     Token t of every row is drawn with ``jax.random.fold_in(key, t)``.
     """
     model = nnx.merge(graphdef, state)
@@ -118,7 +119,8 @@ def decode(
     logits, cache, rx = _last_logits(model, prompt_ids.astype(jnp.int32), positions, kv_mask,
                                      cache, jnp.asarray(0, jnp.int32))
     moe = rx is not None
-    routed = (jnp.zeros((batch, plen + n) + rx.shape[2:], jnp.int32).at[:, :plen].set(rx)
+    rdt = jnp.uint8 if moe and model.config.num_experts <= 256 else jnp.int16
+    routed = (jnp.zeros((batch, plen + n) + rx.shape[2:], rdt).at[:, :plen].set(rx.astype(rdt))
               if moe else jnp.zeros((), jnp.int32))
     tok, logp = sample(logits, jax.random.fold_in(key, 0))
 
@@ -138,7 +140,8 @@ def decode(
         logits, cache, rx = _last_logits(model, prev[:, None], pos, kv_mask, cache,
                                          plen + step - 1)
         if moe:
-            routed = jax.lax.dynamic_update_slice(routed, rx, (0, plen + step - 1, 0, 0))
+            routed = jax.lax.dynamic_update_slice(routed, rx.astype(rdt),
+                                                  (0, plen + step - 1, 0, 0))
         tok, logp = sample(logits, jax.random.fold_in(key, step))
         live = ~done
         tok = jnp.where(live, tok, pad_id)

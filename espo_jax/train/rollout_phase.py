@@ -83,7 +83,7 @@ def sample_groups(ctx, policy, indices: list[int], key) -> dict:
     mask = mask.astype(np.float32)
     moe = {}
     if ro.routed_experts is not None:  # MoE: the experts per slot, for routing replay
-        moe["routed_experts"] = to_host(ro.routed_experts).astype(np.int32)
+        moe["routed_experts"] = to_host(ro.routed_experts)
     examples = [ctx.task.train[i] for i in indices for _ in range(r.group_size)]
     texts = decode_responses(tokens, mask, ctx.tok)
     correct, gradable = ctx.task.score(texts, examples)

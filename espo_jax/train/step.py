@@ -6,7 +6,7 @@ Batch layout (dict of arrays, leading dim B = sequences):
   (old policy, nats), advantages f32[B], and optionally ref_logp f32[B,T] (KL term on),
   groups i32[B,T] (ESPO's entropy groups, computed once per rollout) and is_weights
   f32[B,T] (rollout-correction weights, ``objectives.rollout_correction_weights``).
-  MoE models: routed_experts i32[B,P+T,L,k] (the sampler's experts per cache slot,
+  MoE models: routed_experts u8/i32[B,P+T,L,k] (the sampler's experts per cache slot,
   ``Rollout.routed_experts``); replayed with ``routing_replay``, and compared with the
   current router's top-k for ``moe/router_agreement``.
 
@@ -77,7 +77,8 @@ def _moe_terms(routing, mb, num_experts: int, aux_coef: float):
     valid = jnp.concatenate([mb["prompt_mask"] > 0, mb["mask"][:, :-1] > 0], axis=1)  # [B,S]
     stats = {}
     if "routed_experts" in mb:
-        same, n = router_agreement(topk, mb["routed_experts"][:, :topk.shape[1]], valid)
+        rx = mb["routed_experts"][:, :topk.shape[1]].astype(jnp.int32)
+        same, n = router_agreement(topk, rx, valid)
         stats["moe/router_agreement"] = ratio(same, n, empty=1.0)
     vm = valid.astype(jnp.float32)[..., None, None]
     counts = jnp.sum(jax.nn.one_hot(topk, num_experts, dtype=jnp.float32).sum(-2) * vm,

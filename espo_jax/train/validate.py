@@ -209,6 +209,7 @@ def _files(config, workdir: Any) -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model.path: {path} has no config.json (expected a Hugging "
                                 "Face model directory with config.json + *.safetensors)")
+    _moe_keys(config, os.path.join(path, "config.json"))
     if config.task.name == "math":
         for key in ("train_file", "eval_file"):
             f = config.task[key]
@@ -223,6 +224,21 @@ def _files(config, workdir: Any) -> None:
         ck = wd / "checkpoints"
         if ck.exists() and not ck.is_dir():
             raise ValueError(f"--workdir: {ck} exists and is not a directory")
+
+
+def _moe_keys(config, config_json: str) -> None:
+    """MoE-only keys set for a dense model are an error, not a silent no-op."""
+    import json  # noqa: PLC0415
+    on = [k for k, v in (("model.routing_replay", config.model.get("routing_replay", False)),
+                         ("train.moe_aux_loss_coef", config.train.get("moe_aux_loss_coef", 0.0)))
+          if v]
+    if not on:
+        return
+    with open(config_json) as f:
+        archs = json.load(f).get("architectures") or []
+    if "Qwen3MoeForCausalLM" not in archs:
+        raise ValueError(f"{on[0]} is set but model.path is not a mixture-of-experts model "
+                         f"(architectures {archs}); allowed: Qwen3MoeForCausalLM")
 
 
 def _resume_keys(config) -> None:
