@@ -334,3 +334,18 @@ def test_moe_keys_on_a_dense_model_are_errors(tmp_path):
     (moe / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}))
     config.model.path = str(moe)
     validate(config, num_devices=1)
+
+
+def test_non_expert_weights_are_split_over_fsdp_and_expert():
+    from jax.sharding import PartitionSpec as P
+    from espo_jax.models import logical_to_spec as model_spec
+    from espo_jax.train import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=2, tensor=1, expert=4))
+    for spec in (lambda n, s: mesh_lib.logical_to_spec(n, shape=s, mesh=mesh),
+                 lambda n, s: model_spec(n, s, mesh)):
+        assert spec(("embed", "heads"), (32, 16)) == P(("fsdp", "expert"), None)
+        assert spec(("experts", "embed", "mlp"), (8, 32, 16)) == P("expert", "fsdp", None)
+        assert spec(("embed", "heads"), (6, 16)) == P("fsdp", None)  # 6 % 8: fsdp only
+    one = mesh_lib.make_mesh(dict(data=1, fsdp=8, tensor=1))
+    assert mesh_lib.logical_to_spec(("embed", "heads"), shape=(32, 16), mesh=one) == P(
+        "fsdp", None)

@@ -69,7 +69,29 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
       continue
     used.update(axes)
     out.append(axes[0] if len(axes) == 1 else axes)
-  return PartitionSpec(*out)
+  return PartitionSpec(*extend_fsdp_over_expert(out, shape, mesh))
+
+
+def extend_fsdp_over_expert(entries: list, shape, mesh) -> list:
+  """Spec entries (None | axis | tuple per dim) with "expert" added to the "fsdp" dim when
+  the mesh has an "expert" axis > 1 and no dim of this array uses it yet (every weight but
+  the stacked experts), if the size divides: ZeRO-3 over fsdp x expert rather than one
+  copy per expert rank (the expert axis is data-parallel for these weights)."""
+  if (mesh is None or shape is None or "expert" not in mesh.shape
+      or mesh.shape["expert"] <= 1):
+    return list(entries)
+  as_tuple = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)  # noqa: E731
+  if any("expert" in as_tuple(e) for e in entries):
+    return list(entries)
+  out = list(entries)
+  for i, e in enumerate(out):
+    axes = as_tuple(e)
+    if "fsdp" in axes:
+      new = axes + ("expert",)
+      if shape[i] % math.prod(mesh.shape[a] for a in new) == 0:
+        out[i] = new
+      break
+  return out
 
 
 def logical_to_sharding(names, shape, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from espo_jax.models.sharding import DEFAULT_RULES as _MODEL_RULES
+from espo_jax.models.sharding import extend_fsdp_over_expert
 
 log = logging.getLogger("espo_jax.train.mesh")
 
@@ -114,7 +115,7 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: Any = None, *,
                 axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return P(*spec)
+    return P(*extend_fsdp_over_expert(spec, shape, mesh))
 
 
 def variable_logical_axes(v: Any) -> tuple[str | None, ...] | None:
