@@ -52,10 +52,12 @@ def base_config() -> ml_collections.ConfigDict:
     # attention_chunk: the tile size of blockwise / splash (auto runs dense up to one tile).
     # remat_policy (with remat): nothing (keep only each layer's input) | matmuls.
     # scan_layers: one lax.scan over the layers (compile time flat in depth).
+    # routing_replay (MoE models): the scoring pass and the updates reuse the experts the
+    # sampler routed each token to, so pi_old and pi_theta are compared on the same experts.
     c.model = ml_collections.ConfigDict(dict(path="", dtype="float32", param_dtype="float32",
                                              remat=False, remat_policy="nothing",
                                              scan_layers=False, attention_impl="auto",
-                                             attention_chunk=512))
+                                             attention_chunk=512, routing_replay=False))
     c.task = ml_collections.ConfigDict(dict(
         name="arith", train_file="", eval_file="", num_train=2048, num_eval=64,
         # "{prompt}" is replaced by the example's prompt; "chat" uses the tokenizer's chat
@@ -77,7 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
         # so one config fits any mesh size
         micro_batch_per_device=0,
         lr=1e-6, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
-        grad_clip=1.0, max_nonfinite_in_a_row=3, beta=0.0))
+        grad_clip=1.0, max_nonfinite_in_a_row=3, beta=0.0,
+        # MoE: coefficient of transformers' load-balancing loss (0 = off).
+        moe_aux_loss_coef=0.0))
     c.dapo = ml_collections.ConfigDict(dict(
         dynamic_sampling=False, max_sampling_tries=3,
         # max_len 0 = rollout.max_new_tokens at run time; buffer 0 = buffer_frac * max_len.
@@ -97,7 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
     # devices > 0 simulates that many CPU devices.
     c.plan = ml_collections.ConfigDict(dict(prompt_len=512, response_len=0, layers=0,
                                             devices=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # expert: expert parallelism for MoE models (the batch is split over it too).
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
     # jax.distributed.initialize() arguments; "" / 0 / -1 mean "let JAX detect it".
     c.distributed = ml_collections.ConfigDict(dict(
         initialize=False, coordinator_address="", num_processes=0, process_id=-1))

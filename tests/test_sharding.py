@@ -80,10 +80,12 @@ def _norm(spec):
     (dict(data=2, fsdp=1, tensor=1), (2, 1, 1)),   # fewer devices than available
     (dict(data=1, fsdp=1, tensor=1), (1, 1, 1)),
     (None, (1, 8, 1)),
+    (dict(data=1, fsdp=2, tensor=1, expert=4), (1, 2, 1, 4)),  # MoE expert parallelism
 ])
 def test_make_mesh_shapes(cfg, shape):
     mesh = make_mesh(cfg)
     assert mesh.axis_names == MESH_AXES
+    shape = shape + (1,) * (len(MESH_AXES) - len(shape))  # "expert" defaults to 1
     assert tuple(mesh.shape[a] for a in MESH_AXES) == shape
     assert mesh.devices.size == int(np.prod(shape))
     # the first n devices, each once
@@ -93,7 +95,7 @@ def test_make_mesh_shapes(cfg, shape):
 def test_make_mesh_accepts_configdict():
     import ml_collections
     mesh = make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=-1, tensor=2)))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
 
 
 @pytest.mark.parametrize("cfg,msg", [
@@ -115,7 +117,7 @@ def test_make_mesh_errors(cfg, msg):
 def test_default_rules_document_the_layout():
     r = normalize_rules(DEFAULT_RULES)
     assert r == {"vocab": "tensor", "embed": "fsdp", "heads": "tensor",
-                 "kv_heads": "tensor", "mlp": "tensor", "norm": None}
+                 "kv_heads": "tensor", "mlp": "tensor", "norm": None, "experts": "expert"}
 
 
 def test_logical_to_spec_rules_and_fallbacks(caplog):
@@ -371,7 +373,7 @@ def test_gpu_check_tiny_runs_on_cpu(tmp_path, capsys):
     assert "MFU" in capsys.readouterr().out
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["step_time_s"] > 0 and r["tokens_per_step"] == 8 * 24 and r["params"] > 0
-    assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and np.isfinite(res["loss"])
+    assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1} and np.isfinite(res["loss"])
     assert g.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert g.peak_flops("NVIDIA H100 PCIe") == 756e12 and g.peak_flops("cpu") is None
     # the shell wrapper is syntactically valid

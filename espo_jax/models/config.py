@@ -4,6 +4,8 @@ Families (picked from `architectures[0]`, else `model_type`):
   qwen3  q/k RMSNorm, GQA, explicit head_dim, optional attention bias (q,k,v,o)
   qwen2  q/k/v bias, no q/k norm, no o bias
   llama  optional attention_bias (q,k,v,o) and mlp_bias
+  qwen3_moe  qwen3 attention; sparse layers replace the SwiGLU MLP by `num_experts` routed
+             SwiGLU experts (top-`num_experts_per_tok`, see `models/moe.py`)
 All: RoPE (rotate-half), SwiGLU MLP, RMSNorm, tied or untied embeddings.
 The raw HF dict is kept (`hf_config`) so that export writes back what was read.
 """
@@ -18,8 +20,10 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
-MODEL_TYPES = {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama"}
+MODEL_TYPES = {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama", "qwen3_moe": "qwen3_moe"}
+MOE_IMPLS = ("ragged", "dense")
 ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
 REMAT_POLICIES = ("nothing", "matmuls")
@@ -64,6 +68,17 @@ class ModelConfig:
   # Tile size (queries and keys) of "blockwise"/"splash"; "auto" runs "dense" when the
   # sequence fits in one tile.
   attention_chunk: int = 512
+  # Mixture of experts (qwen3_moe; num_experts = 0 means dense). A layer i is sparse when
+  # i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0 (transformers' rule).
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = False
+  decoder_sparse_step: int = 1
+  mlp_only_layers: tuple = ()
+  # "ragged": tokens sorted by expert + jax.lax.ragged_dot (dropless grouped matmul);
+  # "dense": every expert on every token, masked (a reference for tests / benchmarks).
+  moe_impl: str = "ragged"
   # The HF dict this came from (export writes it back); excluded from eq/hash.
   hf_config: Mapping[str, Any] | None = dataclasses.field(
       default=None, compare=False, hash=False, repr=False)
@@ -85,6 +100,30 @@ class ModelConfig:
       raise ValueError(f"attention_chunk must be >= 1, got {self.attention_chunk}")
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"unsupported rope type {self.rope_type!r}; supported: {ROPE_TYPES}")
+    if self.moe_impl not in MOE_IMPLS:
+      raise ValueError(f"moe_impl must be one of {MOE_IMPLS}; got {self.moe_impl!r}")
+    if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise ValueError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                       f"got {self.num_experts_per_tok}")
+    if self.num_experts and self.moe_intermediate_size < 1:
+      raise ValueError(f"moe_intermediate_size must be >= 1, got {self.moe_intermediate_size}")
+    if self.decoder_sparse_step < 1:
+      raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+    if self.scan_layers and self.is_moe:
+      raise ValueError("model.scan_layers=True is for dense models (MoE routing is recorded "
+                       "and replayed per layer); set --config.model.scan_layers=False")
+
+  @property
+  def moe_layers(self) -> tuple:
+    """Indices of the sparse (routed-experts) layers, in order."""
+    if self.num_experts <= 0:
+      return ()
+    return tuple(i for i in range(self.num_layers) if i not in self.mlp_only_layers
+                 and (i + 1) % self.decoder_sparse_step == 0)
+
+  @property
+  def is_moe(self) -> bool:
+    return bool(self.moe_layers)
 
   @property
   def rope(self) -> dict:
@@ -126,8 +165,14 @@ class ModelConfig:
     # Older transformers / vLLM read `rope_theta` + `rope_scaling`; write both spellings.
     d["rope_scaling"] = None if self.rope_type == "default" else {
         "rope_type": self.rope_type, **self.rope}
-    if self.family in ("qwen3", "llama"):
+    if self.family in ("qwen3", "llama", "qwen3_moe"):
       d["attention_bias"] = self.qkv_bias
+    if self.family == "qwen3_moe":
+      d.update(num_experts=self.num_experts, num_local_experts=self.num_experts,
+               num_experts_per_tok=self.num_experts_per_tok,
+               moe_intermediate_size=self.moe_intermediate_size,
+               norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=self.decoder_sparse_step,
+               mlp_only_layers=list(self.mlp_only_layers))
     if self.family == "llama":
       d["mlp_bias"] = self.mlp_bias
     return d
@@ -181,6 +226,16 @@ def _parse(d: dict) -> ModelConfig:
   heads = int(need("num_attention_heads"))
   head_dim = d.get("head_dim") or hidden // heads
   attn_bias = bool(d.get("attention_bias", False))
+  moe = {}
+  if family == "qwen3_moe":
+    if "num_experts" not in d and "num_local_experts" in d:  # transformers 5 writes this
+      d = {**d, "num_experts": d["num_local_experts"]}
+    moe = dict(num_experts=int(need("num_experts")),
+               num_experts_per_tok=int(need("num_experts_per_tok")),
+               moe_intermediate_size=int(need("moe_intermediate_size")),
+               norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+               decoder_sparse_step=int(d.get("decoder_sparse_step", 1)),
+               mlp_only_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()))
   return ModelConfig(
       family=family,
       vocab_size=int(need("vocab_size")),
@@ -198,7 +253,8 @@ def _parse(d: dict) -> ModelConfig:
       qkv_bias=True if family == "qwen2" else attn_bias,
       o_bias=False if family == "qwen2" else attn_bias,
       mlp_bias=bool(d.get("mlp_bias", False)) if family == "llama" else False,
-      qk_norm=family == "qwen3",
+      qk_norm=family in ("qwen3", "qwen3_moe"),
       max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
       hf_config=d,
+      **moe,
   )

@@ -11,6 +11,11 @@ Call convention (B rows, T tokens, S cache slots, D width, V vocab):
       -> (logits f32[B,T,V], new_cache)
 `hidden_states` takes the same arguments. No [B,T,S] mask is ever built outside the
 `dense` attention implementation (see `espo_jax.models.attention`).
+MoE models (config.is_moe, L = len(config.moe_layers) sparse layers, k experts per token):
+  routed_experts=i32[B,T,L,k] replays the given experts in every sparse layer;
+  return_routing=True appends routing {"experts": i32[B,T,L,k] (each router's own top-k),
+  "probs": f32[B,T,L,E]} to the outputs: (out, routing) where out is what the call
+  returns without it.
 """
 from __future__ import annotations
 
@@ -55,7 +60,9 @@ class Decoder(nnx.Module):
         jax.nn.initializers.normal(0.02)(rngs.params(), (v, d), param_dtype), ("vocab", "embed"))
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     # A real Python list of layers (nnx.data marks it as pytree data).
-    self.layers = nnx.data([Block(config, **kw) for _ in range(config.num_layers)])
+    sparse = set(config.moe_layers)
+    self.layers = nnx.data([Block(config, sparse=i in sparse, **kw)
+                            for i in range(config.num_layers)])
     self.norm = RMSNorm(d, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
     if config.tie_word_embeddings:
       self.lm_head = None
@@ -76,25 +83,32 @@ class Decoder(nnx.Module):
                                 _as_dtype(dtype) if dtype is not None else self.dtype)
 
   def hidden_states(self, input_ids, positions=None, attention_mask=None, cache=None,
-                    cache_index=None, *, segment_ids=None):
-    """Final-norm hidden states f32[B,T,D] (plus the new cache when `cache` is given)."""
-    h, new_cache = self._trunk(input_ids, positions, attention_mask, cache, cache_index,
-                               segment_ids)
+                    cache_index=None, *, segment_ids=None, routed_experts=None,
+                    return_routing=False):
+    """Final-norm hidden states f32[B,T,D] (plus the new cache when `cache` is given;
+    plus routing with `return_routing`, see the module docstring)."""
+    h, new_cache, routing = self._trunk(input_ids, positions, attention_mask, cache,
+                                        cache_index, segment_ids, routed_experts)
     h = self.norm(h, out_dtype=jnp.float32)
-    return h if cache is None else (h, new_cache)
+    out = h if cache is None else (h, new_cache)
+    return (out, routing) if return_routing else out
 
   def __call__(self, input_ids, positions=None, attention_mask=None, cache=None,
-               cache_index=None, *, segment_ids=None):
+               cache_index=None, *, segment_ids=None, routed_experts=None,
+               return_routing=False):
     """Logits f32[B,T,V]; with `cache`, returns (logits, new_cache)."""
-    out = self.hidden_states(input_ids, positions, attention_mask, cache, cache_index,
-                             segment_ids=segment_ids)
+    out, routing = self.hidden_states(input_ids, positions, attention_mask, cache, cache_index,
+                                      segment_ids=segment_ids, routed_experts=routed_experts,
+                                      return_routing=True)
     h, new_cache = (out, None) if cache is None else out
     w = self.unembedding().astype(jnp.float32)
     logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
-    return logits if cache is None else (logits, new_cache)
+    out = logits if cache is None else (logits, new_cache)
+    return (out, routing) if return_routing else out
 
   # -- internals --------------------------------------------------------------------------
-  def _trunk(self, input_ids, positions, attention_mask, cache, cache_index, segment_ids):
+  def _trunk(self, input_ids, positions, attention_mask, cache, cache_index, segment_ids,
+             routed=None):
     b, t = input_ids.shape
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
     if segment_ids is not None and (attention_mask is not None or cache is not None):
@@ -137,19 +151,29 @@ class Decoder(nnx.Module):
     inv_freq = rope_inv_freq(self.config)
 
     if cache is None and self.config.scan_layers and len(self.layers) > 1:
-      return _scan_layers(self.layers, x, positions, seg, inv_freq, impl, self.config), None
+      # Dense models only (ModelConfig refuses scan_layers for MoE: routing is per layer).
+      return (_scan_layers(self.layers, x, positions, seg, inv_freq, impl, self.config), None,
+              None)
     new_cache = [] if cache is not None else None
+    routings = []
     for i, layer in enumerate(self.layers):
+      # Sparse layer j of the model replays routed[:, :, j].
+      r = None if routed is None or not layer.sparse else routed[:, :, len(routings)]
       if cache is None:
         if self.config.remat:
-          x = _remat_layer(layer, x, positions, seg, inv_freq, impl,
-                           remat_policy(self.config.remat_policy))
+          x, rt = _remat_layer(layer, x, positions, seg, inv_freq, impl,
+                               remat_policy(self.config.remat_policy), r)
         else:
-          x, _ = layer(x, positions, seg, inv_freq, impl=impl)
+          x, _, rt = layer(x, positions, seg, inv_freq, impl=impl, routed=r)
       else:
-        x, c = layer(x, positions, seg, inv_freq, cache[i], cache_index, kv_seg)
+        x, c, rt = layer(x, positions, seg, inv_freq, cache[i], cache_index, kv_seg, routed=r)
         new_cache.append(c)
-    return x, new_cache
+      if rt is not None:
+        routings.append(rt)
+    routing = None
+    if routings:  # stack the sparse layers on axis 2: [B,T,L,...]
+      routing = {k: jnp.stack([r[k] for r in routings], axis=2) for k in routings[0]}
+    return x, new_cache, routing
 
 
 def remat_policy(name: str):
@@ -163,9 +187,12 @@ def remat_policy(name: str):
   raise ValueError(f"remat_policy must be one of {list(REMAT_POLICIES)}, got {name!r}")
 
 
-def _remat_layer(layer, x, positions, segment_ids, inv_freq, impl, policy):
-  f = nnx.remat(lambda lay, *a: lay(*a, impl=impl)[0], policy=policy)
-  return f(layer, x, positions, segment_ids, inv_freq)
+def _remat_layer(layer, x, positions, segment_ids, inv_freq, impl, policy, routed):
+  """(x, routing or None) of one rematerialised layer."""
+  def f(lay, x, positions, segment_ids, inv_freq, routed):
+    x, _, routing = lay(x, positions, segment_ids, inv_freq, impl=impl, routed=routed)
+    return x, routing
+  return nnx.remat(f, policy=policy)(layer, x, positions, segment_ids, inv_freq, routed)
 
 
 def _scan_layers(layers, x, positions, segment_ids, inv_freq, impl, cfg):

@@ -2,6 +2,9 @@
 
 Parameter names follow transformers' `*ForCausalLM` layout; our kernels are [in, out]
 (HF Linear weights are [out, in], so they are transposed on the way in and out).
+MoE experts are stacked here ([E, D, F] gate/up, [E, F, D] down) and one tensor per expert
+in HF files (`mlp.experts.{e}.{gate,up,down}_proj.weight`, [out, in]): each device reads
+only its experts' slices, and export writes the per-expert layout back.
 """
 from __future__ import annotations
 
@@ -28,6 +31,18 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Buffers some exporters write that have no parameter counterpart.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+_EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_names(path: tuple, num_experts: int) -> list[str] | None:
+  """HF per-expert tensor names of a stacked expert parameter, or None for other params."""
+  keys = [str(p) for p in path]
+  if len(keys) < 3 or keys[-2] != "experts" or keys[-1] not in _EXPERT_PROJS:
+    return None
+  prefix = "model." + ".".join(keys[:-1])
+  return [f"{prefix}.{e}.{keys[-1]}.weight" for e in range(num_experts)]
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -111,6 +126,12 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh=
   flat = []
   for key, var in nnx.to_flat_state(abs_state):
     shape, names = var.get_value().shape, var.get_metadata().get("out_sharding")
+    experts = expert_names(key, cfg.num_experts)
+    if experts is not None:
+      read = _expert_reader(experts, shape, tensor, files, param_dtype)
+      used.update(experts)
+      flat.append((key, var.replace(_place(read, shape, names, mesh, rules))))
+      continue
     name, transpose = hf_name(key)
     sl = tensor(name)
     used.add(name)
@@ -126,18 +147,38 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh=
         return np.ascontiguousarray(sl[idx[::-1]].T).astype(param_dtype)
       return np.asarray(sl[idx]).astype(param_dtype)
 
-    if mesh is not None:
-      sharding = logical_to_sharding(names or (None,) * len(shape), shape, mesh, rules)
-      arr = jax.make_array_from_callback(shape, sharding, read)
-    else:
-      arr = jax.device_put(read(()))
-    flat.append((key, var.replace(arr)))
+    flat.append((key, var.replace(_place(read, shape, names, mesh, rules))))
   unused = sorted(n for n in files if n not in used and not _IGNORED.match(n)
                   and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
   if unused:
     warnings.warn(f"{len(unused)} checkpoint tensors were not used, e.g. {unused[:5]}")
   handles.clear()
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _place(read, shape, names, mesh, rules):
+  """`read(index) -> np.ndarray` placed in its sharding (only the needed slices are read)."""
+  if mesh is None:
+    return jax.device_put(read(()))
+  sharding = logical_to_sharding(names or (None,) * len(shape), shape, mesh, rules)
+  return jax.make_array_from_callback(shape, sharding, read)
+
+
+def _expert_reader(names, shape, tensor, files, param_dtype):
+  """read(index) for a stacked [E, a, b] parameter from E HF tensors [b, a] each."""
+  e, a, b = shape
+  slices = [tensor(n) for n in names]
+  for n, sl in zip(names, slices):
+    if tuple(sl.get_shape()) != (b, a):
+      raise ValueError(f"tensor {n!r} in {files[n]} has shape {tuple(sl.get_shape())}, "
+                       f"expected {(b, a)} from config.json")
+
+  def read(idx):
+    idx = tuple(idx) + (slice(None),) * (3 - len(tuple(idx)))
+    out = [np.asarray(slices[i][idx[2], idx[1]]).T for i in range(e)[idx[0]]]
+    return np.ascontiguousarray(np.stack(out)).astype(param_dtype)
+
+  return read
 
 
 # -- saving -----------------------------------------------------------------------------
@@ -199,9 +240,14 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, max_shard_size="
   # Plan shards from shapes alone, then gather one shard at a time to bound host memory.
   entries = {}
   for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name, transpose = hf_name(key)
     value = var.get_value()
     dt = np.dtype(store or value.dtype)
+    experts = expert_names(key, model.config.num_experts)
+    if experts is not None:  # stacked [E, a, b] -> E tensors [b, a] (entry: (value, e))
+      n = int(np.prod(value.shape[1:])) * dt.itemsize
+      entries.update({name: ((value, e), True, dt, n) for e, name in enumerate(experts)})
+      continue
+    name, transpose = hf_name(key)
     entries[name] = (value, transpose, dt, int(np.prod(value.shape)) * dt.itemsize)
 
   shards, cur, cur_size = [], [], 0
@@ -218,7 +264,10 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, max_shard_size="
     out = {}
     for name in names:
       value, transpose, dt, _ = entries[name]
-      arr = np.asarray(jax.device_get(value))
+      if isinstance(value, tuple):  # one expert of a stacked parameter
+        arr = np.asarray(jax.device_get(value[0][value[1]]))
+      else:
+        arr = np.asarray(jax.device_get(value))
       out[name] = np.ascontiguousarray((arr.T if transpose else arr).astype(dt, copy=False))
     return out
 

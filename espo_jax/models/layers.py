@@ -143,20 +143,31 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm decoder layer: x + attn(norm(x)); x + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+  def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype, sparse=False):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     nkw = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, **nkw)
     self.self_attn = Attention(cfg, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **nkw)
-    self.mlp = MLP(cfg, **kw)
+    if sparse:  # routed experts (Qwen3-MoE); imported here: moe.py builds on this module
+      from espo_jax.models.moe import MoE  # noqa: PLC0415
+      self.mlp = MoE(cfg, **kw)
+    else:
+      self.mlp = MLP(cfg, **kw)
+    self.sparse = sparse
 
   def __call__(self, x, positions, segment_ids, inv_freq, cache=None, cache_index=None,
-               kv_segment_ids=None, impl="dense"):
-    """See `Attention.__call__`; impl is resolved by the decoder (static per call)."""
+               kv_segment_ids=None, impl="dense", routed=None):
+    """See `Attention.__call__`; impl is resolved by the decoder (static per call).
+    Returns (x, cache, routing); routing is None for a dense layer, else the MoE's
+    {"experts" i32[B,T,k], "probs" f32[B,T,E]}; `routed` i32[B,T,k] replays experts."""
     x = constrain_batch(x)  # keep activations batch-split under FSDP (no-op without a mesh)
     h, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq,
                               cache, cache_index, kv_segment_ids, impl=impl)
     x = x + h
-    x = x + self.mlp(self.post_attention_layernorm(x))
-    return x, cache
+    h = self.post_attention_layernorm(x)
+    if self.sparse:
+      h, routing = self.mlp(h, routed)
+    else:
+      h, routing = self.mlp(h), None
+    return x + h, cache, routing

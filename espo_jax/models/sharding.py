@@ -1,6 +1,7 @@
 """Logical axis names -> mesh `PartitionSpec` / `NamedSharding`.
 
-`rules` maps a logical name ("vocab", "embed", "heads", "kv_heads", "mlp", "norm") to a
+`rules` maps a logical name ("vocab", "embed", "heads", "kv_heads", "mlp", "norm",
+"experts") to a
 mesh axis name, a tuple of names, or None. Either a mapping or a sequence of
 (logical, mesh_axes) pairs (first match wins, as in flax's logical rules). A mesh axis
 is used at most once per spec, axes absent from the mesh are dropped, and a dimension
@@ -14,8 +15,17 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# The mesh axes a batch (leading) dim is split over.
+# The mesh axes a batch (leading) dim is split over; "expert" joins them when the mesh has
+# it with size > 1 (`batch_axes`): expert-parallel ranks are data-parallel for every
+# non-expert weight.
 BATCH_AXES = ("data", "fsdp")
+
+
+def batch_axes(mesh) -> tuple:
+  """("data", "fsdp"), then "expert" when the mesh splits experts (mesh device order)."""
+  if "expert" in mesh.axis_names and mesh.shape["expert"] > 1:
+    return ("data", "fsdp", "expert")
+  return BATCH_AXES
 
 # Used by `from_pretrained(mesh=...)` when no rules are given: FSDP on the model width,
 # tensor parallelism on heads / mlp / vocab.
@@ -26,6 +36,7 @@ DEFAULT_RULES = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    ("experts", "expert"),  # stacked MoE expert weights [E, ...]: expert parallelism
 )
 
 
@@ -58,7 +69,29 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
       continue
     used.update(axes)
     out.append(axes[0] if len(axes) == 1 else axes)
-  return PartitionSpec(*out)
+  return PartitionSpec(*extend_fsdp_over_expert(out, shape, mesh))
+
+
+def extend_fsdp_over_expert(entries: list, shape, mesh) -> list:
+  """Spec entries (None | axis | tuple per dim) with "expert" added to the "fsdp" dim when
+  the mesh has an "expert" axis > 1 and no dim of this array uses it yet (every weight but
+  the stacked experts), if the size divides: ZeRO-3 over fsdp x expert rather than one
+  copy per expert rank (the expert axis is data-parallel for these weights)."""
+  if (mesh is None or shape is None or "expert" not in mesh.shape
+      or mesh.shape["expert"] <= 1):
+    return list(entries)
+  as_tuple = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)  # noqa: E731
+  if any("expert" in as_tuple(e) for e in entries):
+    return list(entries)
+  out = list(entries)
+  for i, e in enumerate(out):
+    axes = as_tuple(e)
+    if "fsdp" in axes:
+      new = axes + ("expert",)
+      if shape[i] % math.prod(mesh.shape[a] for a in new) == 0:
+        out[i] = new
+      break
+  return out
 
 
 def logical_to_sharding(names, shape, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
@@ -78,7 +111,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  axes = tuple(a for a in batch_axes(mesh) if a in mesh.axis_names and mesh.shape[a] > 1)
   if not axes or x.ndim == 0 or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
     return x
   return jax.lax.with_sharding_constraint(x, PartitionSpec(axes if len(axes) > 1 else axes[0]))

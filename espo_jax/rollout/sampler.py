@@ -38,6 +38,11 @@ class Rollout(NamedTuple):
     logprobs      f32[B, N]  log-prob of each token under the distribution it was
                              drawn from (see ``sampling``); 0 where mask is 0
     lengths       i32[B]     number of response tokens (= mask.sum(-1))
+    routed_experts u8[B, P + N, L, k] or None: MoE models only, the experts each of the
+                             L sparse layers picked for the token at each cache slot
+                             (prompt, then response; the last response token is never fed
+                             back, its slot stays 0); for routing replay. uint8 (int16
+                             above 256 experts): Qwen3-30B-A3B records 384 ids per token
     """
     prompt_tokens: jax.Array
     prompt_mask: jax.Array
@@ -45,21 +50,24 @@ class Rollout(NamedTuple):
     mask: jax.Array
     logprobs: jax.Array
     lengths: jax.Array
+    routed_experts: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- core
 
 def _last_logits(model, ids, positions, kv_mask, cache, cache_index):
-    """Logits f32[B, V] of the LAST input position only, and the updated cache.
+    """Logits f32[B, V] of the LAST input position only, the updated cache, and the routed
+    experts i32[B, T, L, k] of the T input tokens (None for a dense model).
 
     Unembeds only the last hidden state: a full prefill would otherwise materialise
     f32[B, P, V] logits (GBs for long prompts and 150k vocabularies).
     """
-    hidden, cache = model.hidden_states(ids, positions, attention_mask=kv_mask, cache=cache,
-                                        cache_index=cache_index)
+    (hidden, cache), routing = model.hidden_states(
+        ids, positions, attention_mask=kv_mask, cache=cache, cache_index=cache_index,
+        return_routing=True)
     w = model.unembedding().astype(jnp.float32)
     logits = jnp.dot(hidden[:, -1].astype(jnp.float32), w, preferred_element_type=jnp.float32)
-    return logits, cache
+    return logits, cache, None if routing is None else routing["experts"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +96,8 @@ def decode(
 
     state: the model's nnx.State; prompt_ids i32[B, P] left-padded, prompt_mask i32[B, P]
     (each row ends in a real token), key a PRNG key, temperature / top_p f32 scalars,
-    eos_ids i32[E] (E may be 0) -> (tokens i32[B, N], mask f32[B, N], logprobs f32[B, N]).
+    eos_ids i32[E] (E may be 0) -> (tokens i32[B, N], mask f32[B, N], logprobs f32[B, N]),
+    plus routed_experts u8[B, P + N, L, k] for an MoE model (``Rollout``).
     Token t of every row is drawn with ``jax.random.fold_in(key, t)``.
     """
     model = nnx.merge(graphdef, state)
@@ -107,8 +116,12 @@ def decode(
     # Prefill: all prompt tokens at slots [0, P); the last slot is a real token.
     cache = model.init_cache(batch, plen + n, dtype=options.cache_dtype)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    logits, cache = _last_logits(model, prompt_ids.astype(jnp.int32), positions, kv_mask,
-                                 cache, jnp.asarray(0, jnp.int32))
+    logits, cache, rx = _last_logits(model, prompt_ids.astype(jnp.int32), positions, kv_mask,
+                                     cache, jnp.asarray(0, jnp.int32))
+    moe = rx is not None
+    rdt = jnp.uint8 if moe and model.config.num_experts <= 256 else jnp.int16
+    routed = (jnp.zeros((batch, plen + n) + rx.shape[2:], rdt).at[:, :plen].set(rx.astype(rdt))
+              if moe else jnp.zeros((), jnp.int32))
     tok, logp = sample(logits, jax.random.fold_in(key, 0))
 
     tokens = jnp.full((batch, n), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -121,10 +134,14 @@ def decode(
         return (step < n) & ~jnp.all(done)
 
     def body(carry):
-        step, prev, done, tokens, logps, mask, cache = carry
+        step, prev, done, tokens, logps, mask, cache, routed = carry
         # Feed token step-1 (slot P+step-1) to get the distribution of token `step`.
         pos = (prompt_len + step - 1)[:, None]
-        logits, cache = _last_logits(model, prev[:, None], pos, kv_mask, cache, plen + step - 1)
+        logits, cache, rx = _last_logits(model, prev[:, None], pos, kv_mask, cache,
+                                         plen + step - 1)
+        if moe:
+            routed = jax.lax.dynamic_update_slice(routed, rx.astype(rdt),
+                                                  (0, plen + step - 1, 0, 0))
         tok, logp = sample(logits, jax.random.fold_in(key, step))
         live = ~done
         tok = jnp.where(live, tok, pad_id)
@@ -132,11 +149,11 @@ def decode(
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
         logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, step))
         mask = jax.lax.dynamic_update_slice(mask, live.astype(jnp.float32)[:, None], (0, step))
-        return step + 1, tok, done | is_stop(tok), tokens, logps, mask, cache
+        return step + 1, tok, done | is_stop(tok), tokens, logps, mask, cache, routed
 
-    carry = (jnp.asarray(1, jnp.int32), tok, done, tokens, logps, mask, cache)
-    _, _, _, tokens, logps, mask, _ = jax.lax.while_loop(cond, body, carry)
-    return tokens, mask, logps
+    carry = (jnp.asarray(1, jnp.int32), tok, done, tokens, logps, mask, cache, routed)
+    _, _, _, tokens, logps, mask, _, routed = jax.lax.while_loop(cond, body, carry)
+    return (tokens, mask, logps, routed) if moe else (tokens, mask, logps)
 
 
 STATIC_ARGNUMS = (0, 1)  # graphdef, options
@@ -281,10 +298,12 @@ def generate(
     options = DecodeOptions(max_new_tokens=int(max_new_tokens), top_k=int(top_k),
                             greedy=bool(greedy), use_top_p=bool(top_p < 1.0),
                             pad_id=int(pad_id), cache_dtype=cache_dtype)
-    tokens, out_mask, logprobs = (decode_fn or decode_jit)(
+    out = (decode_fn or decode_jit)(
         graphdef, options, state, jnp.asarray(ids), jnp.asarray(mask), key,
         jnp.asarray(1.0 if greedy else temperature, jnp.float32),
         jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_array(eos_id)))
+    tokens, out_mask, logprobs = out[:3]
     return Rollout(prompt_tokens=jnp.asarray(ids), prompt_mask=jnp.asarray(mask),
                    tokens=tokens, mask=out_mask, logprobs=logprobs,
-                   lengths=out_mask.sum(-1).astype(jnp.int32))
+                   lengths=out_mask.sum(-1).astype(jnp.int32),
+                   routed_experts=out[3] if len(out) > 3 else None)

@@ -86,7 +86,7 @@ def _to_device(ctx: _Ctx, tree):
 # Per-update metrics also recorded under minibatch{u}/ (u = update index within the step):
 # on-policy and off-policy updates are then seen apart instead of averaged together.
 def _per_update_key(k: str) -> bool:
-    return "clip_frac" in k or k == "ratio_dev_max"
+    return "clip_frac" in k or k in ("ratio_dev_max", "moe/router_agreement")
 
 
 def _mean_metrics(records: list[dict]) -> dict:
@@ -118,10 +118,15 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
     t1 = time.perf_counter()
 
     pt, pm, tk = _to_device(ctx, (batch["prompt_tokens"], batch["prompt_mask"], batch["tokens"]))
-    old_logp, entropy = ctx.score_fn(state.params, state.rest, pt, pm, tk)
+    # MoE routing replay: score pi_old on the experts the sampler used.
+    routed = batch.get("routed_experts")
+    replay = None
+    if routed is not None and cfg.model.get("routing_replay", False):
+        replay = _to_device(ctx, routed)
+    old_logp, entropy = ctx.score_fn(state.params, state.rest, pt, pm, tk, replay)
     ref_logp = None
     if cfg.train.beta > 0:
-        ref_logp, _ = ctx.score_fn(state.ref_params, state.rest, pt, pm, tk)
+        ref_logp, _ = ctx.score_fn(state.ref_params, state.rest, pt, pm, tk, replay)
     adv = compute_advantages(jnp.asarray(batch["rewards"]), int(cfg.rollout.group_size),
                              estimator=cfg.advantage.estimator,
                              gradable=jnp.asarray(batch["gradable"]),
@@ -135,6 +140,8 @@ def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
                 entropy=entropy, advantages=adv.astype(np.float32), **extra)
     if ref_logp is not None:
         full["ref_logp"] = to_host(ref_logp)
+    if routed is not None:  # MoE: router agreement always, replay when model.routing_replay
+        full["routed_experts"] = routed
     bsz = batch["tokens"].shape[0]
     n_mb = int(cfg.train.num_minibatches)
     mb = bsz // n_mb
@@ -251,7 +258,8 @@ def run(config, workdir) -> dict:
     train_step = make_train_step(
         tx, config.objective.name, hparams, chunk_size=chunk,
         temperature=temp, micro_batch_size=micro, state_shardings=shardings,
-        batch_sharding=batch_sh)
+        batch_sharding=batch_sh, routing_replay=bool(config.model.get("routing_replay", False)),
+        moe_aux_loss_coef=float(config.train.get("moe_aux_loss_coef", 0.0)))
     if mesh is not None and hasattr(mesh_lib, "under_mesh"):  # trace under the mesh
         score_fn, train_step = (mesh_lib.under_mesh(score_fn, mesh),
                                 mesh_lib.under_mesh(train_step, mesh))

@@ -14,6 +14,8 @@ Why the default rules look the way they do (``DEFAULT_RULES``):
     These are the *inner* dims of attention / MLP / unembedding, so the matmuls are
     computed shard-locally and only one all-reduce per block is needed. Keep |tensor|
     within a fast interconnect domain (one host's chips / NVLink).
+  * "experts" -> "expert": the stacked [E, ...] MoE expert weights are split over the
+    "expert" axis (expert parallelism); the batch is then split over it too.
   * "norm" -> None: RMSNorm scales are tiny ([D] or [head_dim]); replicating them is
     cheaper than the communication sharding would cost.
   * The batch (leading dim of activations and rollouts) is split over ("data", "fsdp")
@@ -39,7 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from espo_jax.models.sharding import BATCH_AXES
+from espo_jax.models.sharding import batch_axes
 # One implementation, in the model package (every Block calls it); re-exported here.
 from espo_jax.models.sharding import constrain_batch  # noqa: F401
 # The rules -> specs -> shardings half of this module (re-exported: import from here).
@@ -106,7 +108,7 @@ def dcn_split(shape: Sequence[int], num_slices: int):
 
 
 def make_mesh(mesh_cfg: Any = None, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the ("data", "fsdp", "tensor") mesh.
+    """Builds the ("data", "fsdp", "tensor", "expert") mesh.
 
     Args:
       mesh_cfg: anything with ``.data``, ``.fsdp``, ``.tensor`` (ConfigDict, dict,
@@ -116,7 +118,7 @@ def make_mesh(mesh_cfg: Any = None, *, devices: Sequence[jax.Device] | None = No
     """
     devices = list(jax.devices() if devices is None else devices)
     if mesh_cfg is None:
-        sizes = (1, -1, 1)
+        sizes = (1, -1, 1, 1)
     else:
         sizes = tuple(_cfg_get(mesh_cfg, a, 1) for a in MESH_AXES)
     shape = resolve_mesh_shape(sizes, len(devices))
@@ -155,7 +157,7 @@ def batch_sharding(mesh: Mesh, ndim: int | None = None) -> NamedSharding:
     leaves the remaining dims replicated.
     """
     del ndim
-    return NamedSharding(mesh, P(BATCH_AXES))
+    return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def under_mesh(fn, mesh: Mesh | None):
@@ -187,8 +189,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_divisor(mesh: Mesh) -> int:
-    """How many ways the batch is split: |data| * |fsdp|."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """How many ways the batch is split: |data| * |fsdp| (* |expert|)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
 def check_batch(batch_size: int, mesh: Mesh, what: str = "batch") -> None:
@@ -197,7 +199,9 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "batch") -> None:
     if batch_size % d:
         raise ValueError(
             f"{what} size {batch_size} is not divisible by mesh.data*mesh.fsdp = "
-            f"{mesh.shape['data']}*{mesh.shape['fsdp']} = {d}; change the batch size "
+            f"{mesh.shape['data']}*{mesh.shape['fsdp']}"
+            + (f"*expert {mesh.shape['expert']}" if len(batch_axes(mesh)) > 2 else "")
+            + f" = {d}; change the batch size "
             "(prompts per step x num_samples, or the minibatch size) or the mesh")
 
 
@@ -226,7 +230,7 @@ def sharded_decode_fn(mesh: Mesh):
     rows = batch_sharding(mesh)
     sharded = jax.jit(decode, static_argnums=STATIC_ARGNUMS,
                       in_shardings=(None, rows, rows, None, None, None, None),
-                      out_shardings=(rows, rows, rows))
+                      out_shardings=rows)  # every output (3, or 4 for MoE) row-split
     div = batch_divisor(mesh)
 
     def decode_fn(graphdef, options, state, prompt_ids, *rest):

@@ -43,7 +43,8 @@ class PromptOrder:
 def _left_pad(x: np.ndarray, width: int, value) -> np.ndarray:
     if x.shape[1] == width:
         return x
-    return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
+    pad = ((0, 0), (width - x.shape[1], 0)) + ((0, 0),) * (x.ndim - 2)
+    return np.pad(x, pad, constant_values=value)
 
 
 def _concat_rollouts(parts: list[dict], pad_id: int) -> dict:
@@ -55,6 +56,9 @@ def _concat_rollouts(parts: list[dict], pad_id: int) -> dict:
             xs = [_left_pad(x, width, pad_id) for x in xs]
         elif key == "prompt_mask":
             xs = [_left_pad(x, width, 0) for x in xs]
+        elif key == "routed_experts":  # MoE: [B, P + N, L, k], slots follow the prompt width
+            n = xs[0].shape[1] - parts[0]["prompt_tokens"].shape[1]
+            xs = [_left_pad(x, width + n, 0) for x in xs]
         out[key] = np.concatenate(xs) if isinstance(xs[0], np.ndarray) else sum(xs, [])
     return out
 
@@ -77,6 +81,9 @@ def sample_groups(ctx, policy, indices: list[int], key) -> dict:
     prompt_tokens, prompt_mask, tokens, mask, sampler_logp = to_host(
         (ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs))
     mask = mask.astype(np.float32)
+    moe = {}
+    if ro.routed_experts is not None:  # MoE: the experts per slot, for routing replay
+        moe["routed_experts"] = to_host(ro.routed_experts)
     examples = [ctx.task.train[i] for i in indices for _ in range(r.group_size)]
     texts = decode_responses(tokens, mask, ctx.tok)
     correct, gradable = ctx.task.score(texts, examples)
@@ -92,7 +99,7 @@ def sample_groups(ctx, policy, indices: list[int], key) -> dict:
                 sampler_logp=np.where(mask > 0, sampler_logp, 0.0).astype(np.float32),
                 rewards=rewards.astype(np.float32),
                 correct=correct.astype(np.float32), gradable=gradable,
-                group_index=np.repeat(np.asarray(indices), r.group_size), texts=texts)
+                group_index=np.repeat(np.asarray(indices), r.group_size), texts=texts, **moe)
 
 
 def collect(ctx, state, step: int) -> tuple[dict, dict]:

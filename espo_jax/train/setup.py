@@ -22,7 +22,8 @@ def _mesh_lib():
 def batch_axes_size(mesh) -> int:
     if mesh is None:
         return 1
-    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    from espo_jax.models.sharding import batch_axes  # noqa: PLC0415
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh) if a in mesh.shape]))
 
 
 def validate(config, mesh=None) -> None:

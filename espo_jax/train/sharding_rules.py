@@ -15,10 +15,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from espo_jax.models.sharding import DEFAULT_RULES as _MODEL_RULES
+from espo_jax.models.sharding import extend_fsdp_over_expert
 
 log = logging.getLogger("espo_jax.train.mesh")
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# "expert" is last so that configs and code written for three axes keep their meaning;
+# expert-parallel groups are then the mesh's innermost (closest) devices.
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical axis name -> mesh axis (str, tuple of str, or None = replicated). The very
 # table `from_pretrained(mesh=...)` uses by default, so loaded weights and the jitted
@@ -112,7 +115,7 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: Any = None, *,
                 axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return P(*spec)
+    return P(*extend_fsdp_over_expert(spec, shape, mesh))
 
 
 def variable_logical_axes(v: Any) -> tuple[str | None, ...] | None:

@@ -6,6 +6,9 @@ Batch layout (dict of arrays, leading dim B = sequences):
   (old policy, nats), advantages f32[B], and optionally ref_logp f32[B,T] (KL term on),
   groups i32[B,T] (ESPO's entropy groups, computed once per rollout) and is_weights
   f32[B,T] (rollout-correction weights, ``objectives.rollout_correction_weights``).
+  MoE models: routed_experts u8/i32[B,P+T,L,k] (the sampler's experts per cache slot,
+  ``Rollout.routed_experts``); replayed with ``routing_replay``, and compared with the
+  current router's top-k for ``moe/router_agreement``.
 
 Precision: the params are the f32 masters; the forward runs in the model's compute dtype
 (each layer casts its weights), the log-prob op takes compute-dtype operands with f32
@@ -26,6 +29,7 @@ from flax import nnx
 
 from espo_jax.ops import token_logprobs_and_entropy
 from espo_jax.objectives import batch_counts, combine_stats, finalize, policy_loss_stats
+from espo_jax.objectives.aggregation import safe_inverse
 from espo_jax.objectives.metrics import masked_extreme
 from espo_jax.train.state import TrainState
 
@@ -36,23 +40,56 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def response_logprobs(model, prompt_tokens, prompt_mask, tokens, *, chunk_size: int,
-                      temperature: float):
+                      temperature: float, routed=None, return_routing: bool = False):
     """(logp f32[B,T], entropy f32[B,T]) of ``tokens`` given the prompt, at ``temperature``.
 
     The hidden state at position P-1+j predicts response token j, so the forward pass runs
     over prompt + tokens[:, :-1] (P+T-1 positions). Response positions are marked real in
     the attention mask; tokens after EOS only attend backwards and are masked out later.
+    MoE: ``routed`` i32[B,P+T,L,k] replays experts (slots P+T-1.. unused);
+    ``return_routing`` appends the routing of the P+T-1 input positions (or None).
     """
     p = prompt_tokens.shape[1]
     ids = jnp.concatenate([prompt_tokens, tokens[:, :-1]], axis=1)
     am = jnp.concatenate([prompt_mask.astype(jnp.int32),
                           jnp.ones_like(tokens[:, :-1], jnp.int32)], axis=1)
     ids, am = constrain_batch(ids), constrain_batch(am)
-    hidden = constrain_batch(model.hidden_states(ids, attention_mask=am)[:, p - 1:])  # [B,T,D]
+    if routed is not None:
+        routed = constrain_batch(routed[:, :ids.shape[1]])
+    hidden, routing = model.hidden_states(ids, attention_mask=am, routed_experts=routed,
+                                          return_routing=True)
+    hidden = constrain_batch(hidden[:, p - 1:])  # [B,T,D]
     # Operands in the compute dtype (bf16 x bf16 -> f32 on accelerators; exact f32 in f32).
-    return token_logprobs_and_entropy(hidden.astype(model.dtype), model.unembedding(),
-                                      tokens.astype(jnp.int32), chunk_size=chunk_size,
-                                      temperature=temperature)
+    out = token_logprobs_and_entropy(hidden.astype(model.dtype), model.unembedding(),
+                                     tokens.astype(jnp.int32), chunk_size=chunk_size,
+                                     temperature=temperature)
+    return (*out, routing) if return_routing else out
+
+
+def _moe_terms(routing, mb, num_experts: int, aux_coef: float):
+    """(aux loss f32[], stats, load) of one micro-batch's routing (see ``make_train_step``).
+
+    Tokens counted: every real input token (prompt, and response tokens fed back)."""
+    from espo_jax.models.moe import load_balancing_terms, router_agreement  # noqa: PLC0415
+    from espo_jax.objectives.metrics import ratio  # noqa: PLC0415
+
+    topk = routing["experts"]                                            # [B,S,L,k]
+    valid = jnp.concatenate([mb["prompt_mask"] > 0, mb["mask"][:, :-1] > 0], axis=1)  # [B,S]
+    stats = {}
+    if "routed_experts" in mb:
+        rx = mb["routed_experts"][:, :topk.shape[1]].astype(jnp.int32)
+        same, n = router_agreement(topk, rx, valid)
+        stats["moe/router_agreement"] = ratio(same, n, empty=1.0)
+    vm = valid.astype(jnp.float32)[..., None, None]
+    counts = jnp.sum(jax.nn.one_hot(topk, num_experts, dtype=jnp.float32).sum(-2) * vm,
+                     axis=(0, 1))                                        # [L,E]
+    load = (jax.lax.stop_gradient(counts), jnp.sum(vm))
+    aux = jnp.zeros((), jnp.float32)
+    if aux_coef > 0:
+        c, psum, rows = load_balancing_terms(topk, routing["probs"], valid, num_experts)
+        aux = aux_coef * num_experts * jnp.sum(c * psum) * safe_inverse(rows * rows)
+        stats["moe/aux_loss"] = ratio(aux, 1.0)
+    return aux, stats, load
 
 
 def _split_micro(x, n: int):
@@ -78,20 +115,23 @@ def _num_micro(batch_size: int, micro_batch_size: int) -> int:
 
 def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_size: int = 0,
                   param_shardings=None, rest_shardings=None, batch_sharding=None) -> Callable:
-    """Jitted ``score(params, rest, prompt_tokens, prompt_mask, tokens) -> (logp, entropy)``,
-    f32[B,T] each, computed in micro-batches of ``micro_batch_size`` rows (0 = all at once).
+    """Jitted ``score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None) ->
+    (logp, entropy)``, f32[B,T] each, computed in micro-batches of ``micro_batch_size`` rows
+    (0 = all at once). ``routed`` i32[B,P+T,L,k]: MoE experts to replay (routing replay).
     Use it with the reference params for ref log-probs."""
 
-    def score(params, rest, prompt_tokens, prompt_mask, tokens):
+    def score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None):
         n = _num_micro(tokens.shape[0], micro_batch_size)
 
         def one(p, r, xs):
             model = nnx.merge(graphdef, p, r)
-            return response_logprobs(model, *xs, chunk_size=chunk_size, temperature=temperature)
+            return response_logprobs(model, *xs[:3], chunk_size=chunk_size,
+                                     temperature=temperature, routed=xs[3])
 
         if n == 1:
-            return one(params, rest, (prompt_tokens, prompt_mask, tokens))
-        xs = tuple(_split_micro(x, n) for x in (prompt_tokens, prompt_mask, tokens))
+            return one(params, rest, (prompt_tokens, prompt_mask, tokens, routed))
+        xs = tuple(None if x is None else _split_micro(x, n)
+                   for x in (prompt_tokens, prompt_mask, tokens, routed))
         # The params ride in the scan carry (not closed over), so the model is built from
         # values of the loop body's own trace level (NNX transforms such as the decoder's
         # nnx.remat refuse Variables from an outer trace).
@@ -101,13 +141,14 @@ def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_
     if param_shardings is None:
         return jax.jit(score)
     bs = batch_sharding
-    return jax.jit(score, in_shardings=(param_shardings, rest_shardings, bs, bs, bs),
+    return jax.jit(score, in_shardings=(param_shardings, rest_shardings, bs, bs, bs, bs),
                    out_shardings=(bs, bs))
 
 
 def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: dict, *,
                     chunk_size: int, temperature: float, micro_batch_size: int = 0,
-                    state_shardings: TrainState | None = None, batch_sharding=None) -> Callable:
+                    state_shardings: TrainState | None = None, batch_sharding=None,
+                    routing_replay: bool = False, moe_aux_loss_coef: float = 0.0) -> Callable:
     """Jitted ``train_step(state, batch) -> (state, metrics, logp)``; donates ``state``.
 
     One optimizer update on a minibatch: forward -> log-probs -> ``policy_loss`` -> grads,
@@ -119,12 +160,20 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
     of the token ratios before the update, nonfinite); every metric is combined exactly over
     micro-batches (losses summed, ratios of sums kept as numerator / denominator);
     logp f32[B,T]: the current policy's log-probs before the update (for ratio dumps).
+    MoE models add ``moe/router_agreement`` (share of (real input token, sparse layer) pairs
+    whose current top-k set equals ``batch['routed_experts']``'s), ``moe/expert_load_max``
+    / ``_min`` (tokens routed to an expert / tokens, over layers and experts; sums to k over
+    experts) and, with ``moe_aux_loss_coef`` > 0, transformers' load-balancing loss times the
+    coefficient (per micro-batch, divided by the number of micro-batches) added to the loss.
+    ``routing_replay``: the forward uses ``batch['routed_experts']`` (the rollout's experts).
     """
 
-    def loss_fn(params, rest, graphdef, mb, counts):
+    def loss_fn(params, rest, graphdef, mb, counts, n_micro):
         model = nnx.merge(graphdef, params, rest)
-        logp, _ = response_logprobs(model, mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"],
-                                    chunk_size=chunk_size, temperature=temperature)
+        routed = mb.get("routed_experts") if routing_replay else None
+        logp, _, routing = response_logprobs(
+            model, mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"], chunk_size=chunk_size,
+            temperature=temperature, routed=routed, return_routing=True)
         kw = dict(hparams)
         for key, arg in (("ref_logp", "ref_logp"), ("groups", "groups"),
                          ("is_weights", "token_weights")):
@@ -136,7 +185,13 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
         valid = mb["mask"] != 0
         dev = jnp.abs(jnp.exp(jnp.where(valid, logp - mb["old_logp"], 0.0)) - 1.0)
         stats["ratio_dev_max"] = masked_extreme(dev, valid, "max")
-        return loss, (stats, logp)
+        load = None
+        if routing is not None:  # MoE
+            aux, moe_stats, load = _moe_terms(routing, mb, model.config.num_experts,
+                                              moe_aux_loss_coef)
+            loss = loss + aux / n_micro
+            stats.update(moe_stats)
+        return loss, (stats, logp, load)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -150,13 +205,17 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
         def body(acc, mb):
             # params/rest ride in the carry (see make_score_fn: NNX trace levels).
             params, rest, g_acc, l_acc = acc
-            (loss, (stats, logp)), g = grad_fn(params, rest, state.graphdef, mb, counts)
+            (loss, (stats, logp, load)), g = grad_fn(params, rest, state.graphdef, mb, counts, n)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (params, rest, g_acc, l_acc + loss), (stats, logp)
+            return (params, rest, g_acc, l_acc + loss), (stats, logp, load)
 
-        (_, _, grads, loss), (stats, logp) = jax.lax.scan(
+        (_, _, grads, loss), (stats, logp, load) = jax.lax.scan(
             body, (state.params, state.rest, zeros, jnp.zeros((), jnp.float32)), micro)
         metrics = finalize(combine_stats(stats))
+        if load is not None:  # MoE: per-(layer, expert) share of tokens over the minibatch
+            share = load[0].sum(0) * safe_inverse(load[1].sum())
+            metrics["moe/expert_load_max"] = jnp.max(share)
+            metrics["moe/expert_load_min"] = jnp.min(share)
         # Accumulated in f32; they reach optax in the master params' dtype (f32 by default,
         # model.param_dtype).
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)

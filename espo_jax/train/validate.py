@@ -25,7 +25,7 @@ from espo_jax.objectives import resolve_hparams
 from espo_jax.objectives.advantages import ESTIMATORS
 
 TASKS = ("arith", "math")
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 _VOCAB_PLACEHOLDER = 2  # espo's vocab_size is a runtime value (the model's); any valid one
 
 
@@ -78,6 +78,9 @@ def mesh_shape(config, num_devices: int) -> dict[str, int]:
 
     sizes = []
     for a in MESH_AXES:
+        if a == "expert" and "expert" not in config.mesh:  # configs from before MoE
+            sizes.append(1)
+            continue
         sizes.append(_int(config, f"mesh.{a}", lo=-1))
     return dict(zip(MESH_AXES, resolve_mesh_shape(sizes, int(num_devices))))
 
@@ -166,6 +169,11 @@ def _eval_and_io(config, batch_devices: int) -> None:
     _int(config, "seed", lo=0)
     if config.dapo.dynamic_sampling:
         _int(config, "dapo.max_sampling_tries", lo=1)
+    if not isinstance(config.model.get("routing_replay", False), bool):
+        raise ValueError(f"model.routing_replay must be True or False, "
+                         f"got {config.model.routing_replay!r}")
+    if "moe_aux_loss_coef" in config.train:
+        _float(config, "train.moe_aux_loss_coef", lo=0.0)
     for key in ("model.dtype", "model.param_dtype"):
         try:
             canonical_dtype(_get(config, key))
@@ -221,6 +229,7 @@ def _files(config, workdir: Any, check_data: bool = True) -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model.path: {path} has no config.json (expected a Hugging "
                                 "Face model directory with config.json + *.safetensors)")
+    _moe_keys(config, os.path.join(path, "config.json"))
     if config.task.name == "math" and check_data:
         for key in ("train_file", "eval_file"):
             f = config.task[key]
@@ -235,6 +244,21 @@ def _files(config, workdir: Any, check_data: bool = True) -> None:
         ck = wd / "checkpoints"
         if ck.exists() and not ck.is_dir():
             raise ValueError(f"--workdir: {ck} exists and is not a directory")
+
+
+def _moe_keys(config, config_json: str) -> None:
+    """MoE-only keys set for a dense model are an error, not a silent no-op."""
+    import json  # noqa: PLC0415
+    on = [k for k, v in (("model.routing_replay", config.model.get("routing_replay", False)),
+                         ("train.moe_aux_loss_coef", config.train.get("moe_aux_loss_coef", 0.0)))
+          if v]
+    if not on:
+        return
+    with open(config_json) as f:
+        archs = json.load(f).get("architectures") or []
+    if "Qwen3MoeForCausalLM" not in archs:
+        raise ValueError(f"{on[0]} is set but model.path is not a mixture-of-experts model "
+                         f"(architectures {archs}); allowed: Qwen3MoeForCausalLM")
 
 
 def _resume_keys(config) -> None:
@@ -262,7 +286,7 @@ def validate(config, num_devices: int | None = None, *, workdir: Any = None,
                          f"{list(TASKS)}")
     _objective(config)
     shape = mesh_shape(config, num_devices)
-    batch_devices = shape["data"] * shape["fsdp"]
+    batch_devices = shape["data"] * shape["fsdp"] * shape["expert"]  # batch_axes
     _batches(config, batch_devices)
     _eval_and_io(config, batch_devices)
     _sampling(config)
