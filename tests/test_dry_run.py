@@ -63,7 +63,8 @@ def test_dry_run_writes_a_memory_plan_from_config_json_alone(capsys, tmp_path, m
     assert sorted(p.name for p in model_dir.iterdir()) == ["config.json"]
     assert sorted(p.name for p in wd.iterdir()) == ["memory_plan.json"]  # no run started
     plan = json.loads((wd / "memory_plan.json").read_text())
-    assert plan["devices"] == 8 and plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert plan["devices"] == 8 and plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1,
+                                                         "expert": 1}
     # smoke: 4 prompts x 4 samples, 2 minibatches; prompt 20 -> bucket 32; 16 new tokens
     assert plan["shapes"] == dict(rollout_rows=16, minibatch_rows=8, micro_batch=0,
                                   prompt_len=32, response_len=16)

@@ -91,7 +91,8 @@ def test_sampler_logprobs_equal_scorer_at_temperature_07(rollout_batch):
     _, batch = rollout_batch
     cfg = ConfigDict(dict(objective=dict(name="grpo"),
                           rollout_correction=dict(mode="off", threshold=2.0)))
-    extra, metrics = score_extras(cfg, {}, batch, batch["old_logp"], batch["entropy"])
+    extra, metrics = score_extras(cfg, {}, batch["mask"], batch["sampler_logp"], batch["old_logp"],
+                                  batch["entropy"])
     assert extra == {}
     assert metrics["sampler_scorer/logp_abs_diff_max"] < 1e-4
     assert 0 <= metrics["sampler_scorer/logp_abs_diff_mean"] <= metrics[
@@ -101,7 +102,8 @@ def test_sampler_logprobs_equal_scorer_at_temperature_07(rollout_batch):
     state = create_state(model, optax.sgd(0.0))
     logp1, _ = make_score_fn(state.graphdef, chunk_size=8, temperature=1.0)(
         state.params, state.rest, b["prompt_tokens"], b["prompt_mask"], b["tokens"])
-    _, bad = score_extras(cfg, {}, batch, np.asarray(logp1), batch["entropy"])
+    _, bad = score_extras(cfg, {}, batch["mask"], batch["sampler_logp"], np.asarray(logp1),
+                          batch["entropy"])
     assert bad["sampler_scorer/logp_abs_diff_max"] > 1e-2
 
 
@@ -261,7 +263,8 @@ def test_score_extras_adds_groups_and_weights(rollout_batch):
     cfg = ConfigDict(dict(objective=dict(name="espo"),
                           rollout_correction=dict(mode="sequence", threshold=2.0)))
     shifted = b["old_logp"] - 0.05 * b["mask"]
-    extra, metrics = score_extras(cfg, {"grouping": "top_fraction"}, b, shifted, b["entropy"])
+    extra, metrics = score_extras(cfg, {"grouping": "top_fraction"}, b["mask"], b["sampler_logp"],
+                                  shifted, b["entropy"])
     assert set(extra) == {"groups", "is_weights"}
     want, _ = _ref_weights(shifted, b["sampler_logp"], b["mask"], "sequence", 2.0)
     np.testing.assert_allclose(extra["is_weights"], want, rtol=1e-5)

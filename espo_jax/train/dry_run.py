@@ -274,7 +274,7 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
     if "score" in phases:
         batch = abstract_batch(config, b, shapes.rollout_rows, shapes, train=False)
         c, s = _timed(b["score"], state.params, state.rest, batch["prompt_tokens"],
-                      batch["prompt_mask"], batch["tokens"])
+                      batch["prompt_mask"], batch["tokens"], None)  # no routing replay
         out["score"] = dict(memory(c), compile_s=s)
     if "rollout" in phases:
         graphdef, abs_state = nnx.split(b["sampler"])

@@ -165,26 +165,26 @@ def compute_group_ids(entropy, mask, meta: dict) -> np.ndarray:
                                      np.asarray(mask) > 0, mode, **params), np.int32)
 
 
-def write_runner_dump(path, *, step: int, dump: dict, task, tokenizer, config,
+def write_runner_dump(path, *, step: int, scored, ratios, task, tokenizer, config,
                       vocab_size: int | None = None) -> epath.Path:
-    """Write a dump from the runner's per-step dict (``loop._rl_step``'s ``dump``):
-    prompt_tokens, prompt_mask, tokens, mask, rewards, correct, gradable, group_index,
-    texts, old_logp, entropy, advantages, ratios. Computes the entropy group ids."""
+    """Write a dump of one runner step: ``scored`` (``batches.ScoredBatch``: the rollout,
+    old log-probs, entropy, advantages) and ``ratios`` f32[B,N] (pi_theta / pi_old of each
+    token at its last update). Computes the entropy group ids."""
     meta = meta_from_config(config, vocab_size)
     meta["step"] = int(step)
-    mask = np.asarray(dump["mask"], np.float32)
-    examples = [task.train[int(i)] for i in dump["group_index"]]
+    ro = scored.rollout
+    mask = np.asarray(ro.mask, np.float32)
+    examples = [task.train[int(i)] for i in ro.group_index]
     return write_dump(
         path, step=step, prompts=[e.prompt for e in examples],
-        answers=[e.answer for e in examples], response_tokens=dump["tokens"],
-        response_text=list(dump["texts"]), entropy=dump["entropy"],
-        group_ids=compute_group_ids(dump["entropy"], mask, meta), ratios=dump["ratios"],
-        rewards=dump["rewards"], mask=mask,
-        token_strings=token_strings(tokenizer, dump["tokens"], mask), meta=meta,
-        old_logp=dump.get("old_logp"), advantages=dump.get("advantages"),
-        correct=dump.get("correct"), gradable=dump.get("gradable"),
-        prompt_index=dump.get("group_index"), prompt_tokens=dump.get("prompt_tokens"),
-        prompt_mask=dump.get("prompt_mask"))
+        answers=[e.answer for e in examples], response_tokens=ro.tokens,
+        response_text=list(ro.texts), entropy=scored.entropy,
+        group_ids=compute_group_ids(scored.entropy, mask, meta), ratios=ratios,
+        rewards=ro.rewards, mask=mask,
+        token_strings=token_strings(tokenizer, ro.tokens, mask), meta=meta,
+        old_logp=scored.old_logp, advantages=scored.advantages, correct=ro.correct,
+        gradable=ro.gradable, prompt_index=ro.group_index, prompt_tokens=ro.prompt_tokens,
+        prompt_mask=ro.prompt_mask)
 
 
 def _meta_from_workdir(stem: epath.Path) -> dict:

@@ -20,13 +20,14 @@ One step k (k = 1..num_steps), everything derived from (seed, k):
      and at the end. A workdir with a checkpoint resumes from it; SIGTERM finishes the
      current step, checkpoints and returns.
 
-Steps 1-3 live in ``rollout_phase``, set-up/validation in ``setup``, the final export in
-``export``.
+``run`` reads top to bottom in banner sections (set-up, restore, then per step: rollout,
+score, update, evaluate, checkpoint; finish); the values it passes along are typed
+(``batches.RolloutBatch`` -> ``batches.ScoredBatch`` -> minibatches). Steps 1-3 live in
+``rollout_phase``, the once-per-rollout extras of step 4 in ``score_phase``, loading in
+``setup``, checks in ``validate``, the final export in ``export``.
 """
 from __future__ import annotations
 
-import dataclasses
-import pathlib
 import time
 
 import jax
@@ -35,18 +36,19 @@ import numpy as np
 
 from espo_jax.objectives import compute_advantages
 from espo_jax.train import checkpoint as ckpt_lib
+from espo_jax.train import mesh as mesh_lib
 from espo_jax.train import report, writers
 from espo_jax.train import resume as resume_lib
 from espo_jax.train import validate as validate_lib
-from espo_jax.train.distributed import device_put_global, to_host
+from espo_jax.train.batches import ScoredBatch
+from espo_jax.train.distributed import device_put_global, setup_distributed, to_host
 from espo_jax.train.evaluate import evaluate
-from espo_jax.train.export import TOKENIZER_FILES, export_final_policy  # noqa: F401 (re-export)
+from espo_jax.train.export import export_final_policy
 from espo_jax.train.optim import learning_rate_schedule, make_optimizer
 from espo_jax.train.preemption import StopSignal
-from espo_jax.train.rollout_phase import PromptOrder, collect  # noqa: F401 (re-export)
+from espo_jax.train.rollout_phase import PromptOrder, PromptSource, collect
 from espo_jax.train.score_phase import score_extras
-from espo_jax.train.setup import (_mesh_lib, batch_axes_size, load_policy,  # noqa: F401
-                                  objective_hparams, validate)
+from espo_jax.train.setup import batch_axes_size, load_policy, objective_hparams
 from espo_jax.train.state import create_state, state_shardings
 from espo_jax.train.step import make_score_fn, make_train_step
 from espo_jax.train.tasks import build_task, stop_token_ids
@@ -56,33 +58,206 @@ class NonFiniteError(RuntimeError):
     """Raised after train.max_nonfinite_in_a_row non-finite updates in a row."""
 
 
-# ------------------------------------------------------------------------------ loop --
-@dataclasses.dataclass
-class _Ctx:
-    config: object
-    workdir: pathlib.Path
-    task: object
-    tok: object
-    order: PromptOrder
-    score_fn: object
-    train_step: object
-    batch_sharding: object
-    prompt_cache: dict
-    mesh: object = None
-    lr_schedule: object = None
-    decode_fn: object = None  # the rollout's sharded sampler (None: the default jitted one)
-    stop_ids: tuple = ()      # stop tokens: tokenizer EOS + generation_config.json's
-    hparams: dict = dataclasses.field(default_factory=dict)  # the objective's
+def run(config, workdir) -> dict:
+    """Train according to ``config`` in ``workdir`` (resuming from its checkpoint if any).
+    Returns a small summary dict (steps done, eval accuracies, wall time, stop reason)."""
+    t_start = time.perf_counter()
+    # ------------------------------------------------------------------------ set-up --
+    setup_distributed(config)
+    workdir = writers.workdir_path(workdir)  # local or gs://, never a local "gs:" dir
+    # Everything a config can get wrong fails here, before weights or data are loaded.
+    validate_lib.validate(config, num_devices=jax.device_count(), workdir=workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep))
+    latest = ckpt.latest_step()
+    changes = resume_lib.check(workdir, config, latest) if latest is not None else {}
+    config_name = None
+    if jax.process_index() == 0 and (latest is None or changes):
+        config_name = resume_lib.save_config(workdir, config, latest)
+
+    mesh = mesh_lib.make_mesh(config.mesh)
+    task = build_task(config.task, int(config.seed))
+    model, tok = load_policy(config, mesh)
+    tx = make_optimizer(config.train)
+    with_ref = config.train.beta > 0
+    shardings = state_shardings(model, tx, mesh, with_ref=with_ref,
+                                param_shardings_fn=mesh_lib.param_shardings,
+                                opt_shardings_fn=mesh_lib.opt_state_shardings)
+    state = create_state(model, tx, with_ref=with_ref, shardings=shardings)
+    vocab = int(model.config.vocab_size)
+    del model
+
+    chunk, temp = int(config.score.chunk_size), float(config.rollout.temperature)
+    micro = validate_lib.micro_batch_size(config, batch_axes_size(mesh))
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    hparams = objective_hparams(config, vocab)
+    replay = bool(config.model.routing_replay)
+    # Traced under the mesh so activations can be pinned to the batch axes.
+    score_fn = mesh_lib.under_mesh(make_score_fn(
+        state.graphdef, chunk_size=chunk, temperature=temp, micro_batch_size=micro,
+        param_shardings=shardings.params, rest_shardings=shardings.rest,
+        batch_sharding=batch_sh), mesh)
+    train_step = mesh_lib.under_mesh(make_train_step(
+        tx, config.objective.name, hparams, chunk_size=chunk, temperature=temp,
+        micro_batch_size=micro, state_shardings=shardings, batch_sharding=batch_sh,
+        routing_replay=replay, moe_aux_loss_coef=float(config.train.moe_aux_loss_coef)), mesh)
+    lr_schedule = learning_rate_schedule(float(config.train.lr), int(config.train.warmup_steps))
+    decode_fn = mesh_lib.sharded_decode_fn(mesh)
+    prompts = PromptSource(config=config, task=task, tokenizer=tok,
+                           order=PromptOrder(len(task.train), int(config.seed)),
+                           stop_ids=tuple(stop_token_ids(tok, config.model.path)),
+                           decode_fn=decode_fn)
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 2**30)
+
+    def to_device(tree):
+        """Host arrays (the same full batch on every host) -> global device arrays: each
+        process copies the rows its own devices hold (any device order)."""
+        return device_put_global(tree, mesh)
+
+    def run_eval(step):
+        t = time.perf_counter()
+        m = evaluate(state.compute_model(), task, tok, config,
+                     key=jax.random.fold_in(eval_key, step), decode_fn=decode_fn)
+        m["time_eval_s"] = time.perf_counter() - t
+        return m
+
+    # ----------------------------------------------------------------------- restore --
+    restored = ckpt.restore(state)
+    start, nonfinite_run = 0, 0
+    if restored is not None:
+        start, state, meta = restored
+        nonfinite_run = int(meta.get("nonfinite_in_a_row", 0))
+        print(f"Resuming from checkpoint at step {start} in {ckpt.directory}", flush=True)
+    writer = writers.MetricWriter(workdir, tensorboard=bool(config.log.tensorboard))
+    writer.truncate_after(start)
+    if restored is not None and start < int(config.num_steps):
+        writer.write_event(resume_lib.record(changes, start, config_name))
+
+    num_steps = int(config.num_steps)
+    max_nonfinite = int(config.train.max_nonfinite_in_a_row)
+    last_eval = {}
+    if start == 0:
+        last_eval = run_eval(0)
+        writer.write(0, last_eval)
+    stop_reason = None
+    step = start
+    bar = _progress(config, start, num_steps)
+    with StopSignal() as stop:
+        for step in range(start + 1, num_steps + 1):
+            t0 = time.perf_counter()
+            # ------------------------------------------------------------- rollout --
+            policy = state.compute_model()  # one compute-dtype copy per rollout
+            rollout, rollout_info = collect(prompts, policy, step)
+            del policy
+            t1 = time.perf_counter()
+
+            # --------------------------------------------------------------- score --
+            pt, pm, tk = to_device((rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens))
+            # MoE routing replay: pi_old on the experts the sampler used.
+            routed = (to_device(rollout.routed_experts)
+                      if replay and rollout.routed_experts is not None else None)
+            old_logp, entropy = score_fn(state.params, state.rest, pt, pm, tk, routed)
+            ref_logp = (score_fn(state.ref_params, state.rest, pt, pm, tk, routed)[0]
+                        if with_ref else None)
+            adv = compute_advantages(jnp.asarray(rollout.rewards), int(config.rollout.group_size),
+                                     estimator=config.advantage.estimator,
+                                     gradable=jnp.asarray(rollout.gradable),
+                                     valid_only=bool(config.advantage.valid_only))
+            old_logp, entropy = to_host(old_logp), to_host(entropy)
+            extra, score_metrics = score_extras(config, hparams, rollout.mask,
+                                                rollout.sampler_logp, old_logp, entropy)
+            scored = ScoredBatch(rollout=rollout, old_logp=old_logp, entropy=entropy,
+                                 advantages=to_host(adv),
+                                 ref_logp=None if ref_logp is None else to_host(ref_logp),
+                                 groups=extra.get("groups"), is_weights=extra.get("is_weights"))
+            t2 = time.perf_counter()
+
+            # -------------------------------------------------------------- update --
+            last_logp = np.zeros_like(old_logp)
+            updates = []
+            for _, rows, arrays in scored.minibatches(
+                    seed=int(config.seed), step=step, num_epochs=int(config.train.num_epochs),
+                    num_minibatches=int(config.train.num_minibatches)):
+                state, m, logp = train_step(state, to_device(arrays))
+                m = jax.device_get(m)
+                last_logp[rows] = to_host(logp)
+                updates.append(m)
+                if m["nonfinite"] == 0:
+                    nonfinite_run = 0
+                    continue
+                nonfinite_run += 1
+                print(f"WARNING: step {step}: non-finite loss/gradient (loss={float(m['loss'])}, "
+                      f"grad_norm={float(m['grad_norm'])}); update skipped "
+                      f"({nonfinite_run} in a row)", flush=True)
+                if nonfinite_run >= max_nonfinite:
+                    break
+            t3 = time.perf_counter()
+            metrics = {**_mean_metrics(updates), **_rollout_metrics(scored, config),
+                       "lr": float(lr_schedule(int(state.step))),
+                       "optimizer_steps": int(state.step), "time_rollout_s": t1 - t0,
+                       "time_score_s": t2 - t1, "time_update_s": t3 - t2,
+                       **score_metrics, **rollout_info}
+
+            # ------------------------------------------------------------ evaluate --
+            every = int(config.eval.every)
+            if step == num_steps or (every > 0 and step % every == 0):
+                last_eval = run_eval(step)
+                metrics.update(last_eval)
+            metrics["time_step_s"] = time.perf_counter() - t0
+            writer.write(step, metrics)
+            if (config.dump.every and step % int(config.dump.every) == 0
+                    and jax.process_index() == 0):
+                from espo_jax.train import dumps  # noqa: PLC0415
+                ratios = np.exp(np.where(rollout.mask > 0, last_logp - old_logp, 0.0))
+                dumps.write_runner_dump(workdir / "dumps" / f"step_{step:06d}", step=step,
+                                        scored=scored, ratios=ratios, task=task,
+                                        tokenizer=tok, config=config, vocab_size=vocab)
+
+            # ---------------------------------------------------------- checkpoint --
+            diverged = nonfinite_run >= max_nonfinite
+            stop_now = stop.agree(step)  # collective: every host stops at the same step
+            if (stop_now or diverged or step == num_steps
+                    or step % max(1, int(config.checkpoint.every)) == 0):
+                ckpt.save(step, state, {"nonfinite_in_a_row": nonfinite_run,
+                                        "seed": int(config.seed)})
+            _update_bar(bar, step, metrics, last_eval)
+            if diverged:
+                bar.close()
+                writer.close()
+                ckpt.close()
+                raise NonFiniteError(
+                    f"stopping at step {step}: {nonfinite_run} non-finite updates in a row "
+                    f"(train.max_nonfinite_in_a_row={max_nonfinite}); the last finite "
+                    f"parameters are checkpointed at step {step}. Lower train.lr or check the "
+                    "rewards/advantages.")
+            if stop_now:
+                stop_reason = f"SIGTERM after step {step}"
+                break
+
+    # ------------------------------------------------------------------------ finish --
+    bar.close()
+    if step >= num_steps and ckpt.latest_step() != step:
+        ckpt.save(step, state, {"nonfinite_in_a_row": nonfinite_run, "seed": int(config.seed)})
+    ckpt.close()
+    writer.close()
+    wall = time.perf_counter() - t_start
+    if stop_reason is not None:
+        print(f"Stopped by SIGTERM: checkpoint saved at step {step} in {ckpt.directory}; "
+              "rerun the same command to resume.", flush=True)
+        return {"step": step, "stopped": stop_reason, "wall_time_s": wall}
+    if jax.process_index() == 0:
+        report.write_plots(workdir)
+        report.write_summary(workdir, config, wall_time_s=wall)
+    out = export_final_policy(state, config, tok, workdir)  # collective: every process
+    recs = writers.read_metrics(workdir / "metrics.jsonl", events=False)
+    accs = [(r["step"], r["eval_accuracy"]) for r in recs if "eval_accuracy" in r]
+    print(f"Done: {step} steps in {wall:.1f} s; eval accuracy "
+          + " -> ".join(f"{a:.3f} (step {s})" for s, a in (accs[:1] + accs[-1:]))
+          + f"; final policy in {out}", flush=True)
+    return {"step": step, "wall_time_s": wall, "eval_accuracy": accs, "final_policy": str(out)}
 
 
-def _to_device(ctx: _Ctx, tree):
-    """Host numpy batch (every host holds the same full batch) -> global device arrays:
-    each process copies the rows its own devices hold (any device order; multi-host safe)."""
-    if ctx.batch_sharding is None:
-        return jax.tree.map(jnp.asarray, tree)
-    return device_put_global(tree, ctx.mesh)
-
-
+# ----------------------------------------------------------------------- metrics --
 # Per-update metrics also recorded under minibatch{u}/ (u = update index within the step):
 # on-policy and off-policy updates are then seen apart instead of averaged together.
 def _per_update_key(k: str) -> bool:
@@ -110,241 +285,22 @@ def _mean_metrics(records: list[dict]) -> dict:
     return out
 
 
-def _rl_step(ctx: _Ctx, state, step: int, nonfinite_run: int):
-    """One RL step; returns (state, metrics, dump arrays, nonfinite_run)."""
-    cfg = ctx.config
-    t0 = time.perf_counter()
-    batch, info = collect(ctx, state, step)
-    t1 = time.perf_counter()
-
-    pt, pm, tk = _to_device(ctx, (batch["prompt_tokens"], batch["prompt_mask"], batch["tokens"]))
-    # MoE routing replay: score pi_old on the experts the sampler used.
-    routed = batch.get("routed_experts")
-    replay = None
-    if routed is not None and cfg.model.get("routing_replay", False):
-        replay = _to_device(ctx, routed)
-    old_logp, entropy = ctx.score_fn(state.params, state.rest, pt, pm, tk, replay)
-    ref_logp = None
-    if cfg.train.beta > 0:
-        ref_logp, _ = ctx.score_fn(state.ref_params, state.rest, pt, pm, tk, replay)
-    adv = compute_advantages(jnp.asarray(batch["rewards"]), int(cfg.rollout.group_size),
-                             estimator=cfg.advantage.estimator,
-                             gradable=jnp.asarray(batch["gradable"]),
-                             valid_only=bool(cfg.advantage.valid_only))
-    old_logp, entropy, adv = to_host(old_logp), to_host(entropy), to_host(adv)
-    extra, score_metrics = score_extras(cfg, ctx.hparams, batch, old_logp, entropy)
-    t2 = time.perf_counter()
-
-    full = dict(prompt_tokens=batch["prompt_tokens"], prompt_mask=batch["prompt_mask"],
-                tokens=batch["tokens"], mask=batch["mask"], old_logp=old_logp,
-                entropy=entropy, advantages=adv.astype(np.float32), **extra)
-    if ref_logp is not None:
-        full["ref_logp"] = to_host(ref_logp)
-    if routed is not None:  # MoE: router agreement always, replay when model.routing_replay
-        full["routed_experts"] = routed
-    bsz = batch["tokens"].shape[0]
-    n_mb = int(cfg.train.num_minibatches)
-    mb = bsz // n_mb
-    last_logp = np.zeros_like(old_logp)
-    updates = []
-    for epoch in range(int(cfg.train.num_epochs)):
-        perm = np.random.default_rng([cfg.seed, step, epoch, 11]).permutation(bsz)
-        for j in range(n_mb):
-            rows = perm[j * mb:(j + 1) * mb]
-            mbatch = {k: v[rows] for k, v in full.items()}
-            mbatch = _to_device(ctx, mbatch)
-            state, m, logp = ctx.train_step(state, mbatch)
-            m = jax.device_get(m)
-            last_logp[rows] = to_host(logp)
-            updates.append(m)
-            if m["nonfinite"] > 0:
-                nonfinite_run += 1
-                print(f"WARNING: step {step}: non-finite loss/gradient (loss={float(m['loss'])}, "
-                      f"grad_norm={float(m['grad_norm'])}); update skipped "
-                      f"({nonfinite_run} in a row)", flush=True)
-                if nonfinite_run >= int(cfg.train.max_nonfinite_in_a_row):
-                    break
-            else:
-                nonfinite_run = 0
-        if nonfinite_run >= int(cfg.train.max_nonfinite_in_a_row):
-            break
-    t3 = time.perf_counter()
-
-    mask = batch["mask"]
-    valid = mask.sum()
-    metrics = _mean_metrics(updates)
-    g = int(cfg.rollout.group_size)
-    r = batch["rewards"]
-    metrics.update(
+def _rollout_metrics(scored: ScoredBatch, config) -> dict:
+    """Rewards, lengths, entropy and advantages of one scored rollout."""
+    ro = scored.rollout
+    mask, r = ro.mask, ro.rewards
+    lengths = mask.sum(-1)
+    g = int(config.rollout.group_size)
+    return dict(
         reward_mean=float(r.mean()), reward_std=float(r.std()),
-        correct_mean=float(batch["correct"].mean()),
-        gradable_frac=float(batch["gradable"].mean()),
+        correct_mean=float(ro.correct.mean()), gradable_frac=float(ro.gradable.mean()),
         groups_all_equal_frac=float((r.reshape(-1, g).std(1) == 0).mean()),
-        response_len_mean=float(mask.sum(-1).mean()),
-        response_len_max=float(mask.sum(-1).max()),
-        entropy_mean=float((entropy * mask).sum() / max(valid, 1.0)),
-        advantage_abs_mean=float(np.abs(adv).mean()),
-        lr=float(ctx.lr_schedule(int(state.step))), optimizer_steps=int(state.step),
-        time_rollout_s=t1 - t0, time_score_s=t2 - t1, time_update_s=t3 - t2,
-        **score_metrics, **info)
-    dump = dict(batch, old_logp=old_logp, entropy=entropy, advantages=adv,
-                ratios=np.exp(np.where(mask > 0, last_logp - old_logp, 0.0)))
-    return state, metrics, dump, nonfinite_run
+        response_len_mean=float(lengths.mean()), response_len_max=float(lengths.max()),
+        entropy_mean=float((scored.entropy * mask).sum() / max(mask.sum(), 1.0)),
+        advantage_abs_mean=float(np.abs(scored.advantages).mean()))
 
 
-def _write_dump(workdir: pathlib.Path, step: int, dump: dict, task, tok, config,
-                vocab: int) -> None:
-    """workdir/dumps/step_%06d.{npz,jsonl} in the format of ``espo_jax.train.dumps``."""
-    from espo_jax.train import dumps  # noqa: PLC0415
-
-    d = workdir / "dumps"
-    d.mkdir(parents=True, exist_ok=True)
-    dumps.write_runner_dump(d / f"step_{step:06d}", step=step, dump=dump, task=task,
-                            tokenizer=tok, config=config, vocab_size=vocab)
-
-
-def run(config, workdir) -> dict:
-    """Train according to ``config`` in ``workdir`` (resuming from its checkpoint if any).
-    Returns a small summary dict (steps done, eval accuracies, wall time, stop reason)."""
-    t_start = time.perf_counter()
-    from espo_jax.train.distributed import setup_distributed  # noqa: PLC0415
-    setup_distributed(config)
-    workdir = writers.workdir_path(workdir)  # local or gs://, never a local "gs:" dir
-    # Everything a config can get wrong fails here, before weights or data are loaded.
-    validate_lib.validate(config, num_devices=jax.device_count(), workdir=workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep))
-    latest = ckpt.latest_step()
-    changes = resume_lib.check(workdir, config, latest) if latest is not None else {}
-    config_name = None
-    if jax.process_index() == 0 and (latest is None or changes):
-        config_name = resume_lib.save_config(workdir, config, latest)
-
-    mesh_lib = _mesh_lib()
-    mesh = mesh_lib.make_mesh(config.mesh) if mesh_lib is not None else None
-
-    task = build_task(config.task, int(config.seed))
-    model, tok = load_policy(config, mesh, mesh_lib)
-    tx = make_optimizer(config.train)
-    with_ref = config.train.beta > 0
-    shardings = batch_sh = None
-    if mesh is not None:
-        shardings = state_shardings(model, tx, mesh, with_ref=with_ref,
-                                    param_shardings_fn=mesh_lib.param_shardings,
-                                    opt_shardings_fn=mesh_lib.opt_state_shardings)
-        batch_sh = mesh_lib.batch_sharding(mesh)
-    state = create_state(model, tx, with_ref=with_ref, shardings=shardings)
-    vocab = int(model.config.vocab_size)
-    del model
-
-    restored = ckpt.restore(state)
-    start, nonfinite_run = 0, 0
-    if restored is not None:
-        start, state, meta = restored
-        nonfinite_run = int(meta.get("nonfinite_in_a_row", 0))
-        print(f"Resuming from checkpoint at step {start} in {ckpt.directory}", flush=True)
-    writer = writers.MetricWriter(workdir, tensorboard=bool(config.log.tensorboard))
-    writer.truncate_after(start)
-    if restored is not None and start < int(config.num_steps):
-        writer.write_event(resume_lib.record(changes, start, config_name))
-
-    chunk, temp = int(config.score.chunk_size), float(config.rollout.temperature)
-    micro = validate_lib.micro_batch_size(config, batch_axes_size(mesh))
-    score_fn = make_score_fn(
-        state.graphdef, chunk_size=chunk, temperature=temp, micro_batch_size=micro,
-        param_shardings=None if shardings is None else shardings.params,
-        rest_shardings=None if shardings is None else shardings.rest, batch_sharding=batch_sh)
-    hparams = objective_hparams(config, vocab)
-    train_step = make_train_step(
-        tx, config.objective.name, hparams, chunk_size=chunk,
-        temperature=temp, micro_batch_size=micro, state_shardings=shardings,
-        batch_sharding=batch_sh, routing_replay=bool(config.model.get("routing_replay", False)),
-        moe_aux_loss_coef=float(config.train.get("moe_aux_loss_coef", 0.0)))
-    if mesh is not None and hasattr(mesh_lib, "under_mesh"):  # trace under the mesh
-        score_fn, train_step = (mesh_lib.under_mesh(score_fn, mesh),
-                                mesh_lib.under_mesh(train_step, mesh))
-    ctx = _Ctx(config=config, workdir=workdir, task=task, tok=tok,
-               order=PromptOrder(len(task.train), int(config.seed)), score_fn=score_fn,
-               train_step=train_step, batch_sharding=batch_sh, prompt_cache={}, mesh=mesh,
-               lr_schedule=learning_rate_schedule(float(config.train.lr),
-                                                  int(config.train.warmup_steps)),
-               decode_fn=mesh_lib.sharded_decode_fn(mesh) if mesh is not None else None,
-               stop_ids=tuple(stop_token_ids(tok, config.model.path)), hparams=hparams)
-    eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 2**30)
-
-    def run_eval(step):
-        t = time.perf_counter()
-        m = evaluate(state.compute_model(), task, tok, config,
-                     key=jax.random.fold_in(eval_key, step),
-                     decode_fn=ctx.decode_fn)
-        m["time_eval_s"] = time.perf_counter() - t
-        return m
-
-    num_steps = int(config.num_steps)
-    last_eval = {}
-    if start == 0:
-        last_eval = run_eval(0)
-        writer.write(0, last_eval)
-    stop_reason = None
-    step = start
-
-    def save(step):
-        ckpt.save(step, state, {"nonfinite_in_a_row": nonfinite_run, "seed": int(config.seed)})
-
-    bar = _progress(config, start, num_steps)
-    with StopSignal() as stop:
-        for step in range(start + 1, num_steps + 1):
-            t_step = time.perf_counter()
-            state, metrics, dump, nonfinite_run = _rl_step(ctx, state, step, nonfinite_run)
-            every = int(config.eval.every)
-            if step == num_steps or (every > 0 and step % every == 0):
-                last_eval = run_eval(step)
-                metrics.update(last_eval)
-            metrics["time_step_s"] = time.perf_counter() - t_step
-            writer.write(step, metrics)
-            if config.dump.every and step % int(config.dump.every) == 0 and jax.process_index() == 0:
-                _write_dump(workdir, step, dump, task, tok, config, vocab)
-            diverged = nonfinite_run >= int(config.train.max_nonfinite_in_a_row)
-            stop_now = stop.agree(step)  # collective: every host stops at the same step
-            if (stop_now or diverged or step == num_steps
-                    or step % max(1, int(config.checkpoint.every)) == 0):
-                save(step)
-            _update_bar(bar, step, metrics, last_eval)
-            if diverged:
-                bar.close()
-                writer.close()
-                ckpt.close()
-                raise NonFiniteError(
-                    f"stopping at step {step}: {nonfinite_run} non-finite updates in a row "
-                    f"(train.max_nonfinite_in_a_row={config.train.max_nonfinite_in_a_row}); "
-                    f"the last finite parameters are checkpointed at step {step}. Lower "
-                    "train.lr or check the rewards/advantages.")
-            if stop_now:
-                stop_reason = f"SIGTERM after step {step}"
-                break
-    bar.close()
-    if step >= num_steps and ckpt.latest_step() != step:
-        save(step)
-    ckpt.close()
-    writer.close()
-    wall = time.perf_counter() - t_start
-    if stop_reason is not None:
-        print(f"Stopped by SIGTERM: checkpoint saved at step {step} in {ckpt.directory}; "
-              "rerun the same command to resume.", flush=True)
-        return {"step": step, "stopped": stop_reason, "wall_time_s": wall}
-
-    if jax.process_index() == 0:
-        report.write_plots(workdir)
-        report.write_summary(workdir, config, wall_time_s=wall)
-    out = export_final_policy(state, config, tok, workdir)  # collective: every process
-    recs = writers.read_metrics(workdir / "metrics.jsonl", events=False)
-    accs = [(r["step"], r["eval_accuracy"]) for r in recs if "eval_accuracy" in r]
-    print(f"Done: {step} steps in {wall:.1f} s; eval accuracy "
-          + " -> ".join(f"{a:.3f} (step {s})" for s, a in (accs[:1] + accs[-1:]))
-          + f"; final policy in {out}", flush=True)
-    return {"step": step, "wall_time_s": wall, "eval_accuracy": accs, "final_policy": str(out)}
-
-
+# ---------------------------------------------------------------------- progress --
 def _progress(config, start: int, total: int):
     from tqdm.auto import tqdm  # noqa: PLC0415
 

@@ -1,19 +1,20 @@
 """The rollout phase of an RL step: prompts -> G responses each -> rewards, with DAPO
 dynamic sampling (drop prompt groups whose rewards are all equal, refill from seeded extra
-draws). Everything here is host numpy except the sampler call itself.
-
-The functions take the loop's context ``ctx`` (``espo_jax.train.loop._Ctx``): config, task,
-tok, order (``PromptOrder``), prompt_cache (index -> token ids), stop_ids (the stop tokens,
-``tasks.stop_token_ids``) and decode_fn (the mesh-sharded sampler, or None).
+draws). Everything here is host numpy except the sampler call itself; the result is a
+``batches.RolloutBatch``.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from espo_jax.rollout import generate
+from espo_jax.train.batches import RolloutBatch
 from espo_jax.train.distributed import to_host
-from espo_jax.train.tasks import decode_responses, encode_prompts
+from espo_jax.train.tasks import Task, decode_responses, encode_prompts
 
 
 class PromptOrder:
@@ -40,106 +41,84 @@ class PromptOrder:
         return [int(i) for i in rng.choice(self.n, size=p, replace=self.n < p)]
 
 
-def _left_pad(x: np.ndarray, width: int, value) -> np.ndarray:
-    if x.shape[1] == width:
-        return x
-    pad = ((0, 0), (width - x.shape[1], 0)) + ((0, 0),) * (x.ndim - 2)
-    return np.pad(x, pad, constant_values=value)
+@dataclasses.dataclass
+class PromptSource:
+    """Where a step's prompts come from and how they are sampled: the config's rollout
+    settings, the task (train split + verifier), its tokenizer, the prompt order, the stop
+    tokens (``tasks.stop_token_ids``) and the sharded sampler (None: the default jit).
+    Prompts are tokenised once and cached by index."""
+    config: Any
+    task: Task
+    tokenizer: Any
+    order: PromptOrder
+    stop_ids: tuple[int, ...]
+    decode_fn: Callable | None = None
+    prompt_cache: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
 
-def _concat_rollouts(parts: list[dict], pad_id: int) -> dict:
-    width = max(p["prompt_tokens"].shape[1] for p in parts)
-    out = {}
-    for key in parts[0]:
-        xs = [p[key] for p in parts]
-        if key == "prompt_tokens":
-            xs = [_left_pad(x, width, pad_id) for x in xs]
-        elif key == "prompt_mask":
-            xs = [_left_pad(x, width, 0) for x in xs]
-        elif key == "routed_experts":  # MoE: [B, P + N, L, k], slots follow the prompt width
-            n = xs[0].shape[1] - parts[0]["prompt_tokens"].shape[1]
-            xs = [_left_pad(x, width + n, 0) for x in xs]
-        out[key] = np.concatenate(xs) if isinstance(xs[0], np.ndarray) else sum(xs, [])
-    return out
-
-
-def sample_groups(ctx, policy, indices: list[int], key) -> dict:
-    """G responses for each prompt index, decoded and scored (host numpy arrays).
-    ``policy``: the model to sample from (the state's compute-dtype copy)."""
-    cfg = ctx.config
+def sample_groups(src: PromptSource, policy, indices: list[int], key) -> RolloutBatch:
+    """G responses for each prompt index, decoded and rewarded.
+    ``policy``: the model to sample from (the state's compute-dtype copy, made once per
+    rollout); key: the PRNG key of this draw."""
+    cfg = src.config
     r = cfg.rollout
-    missing = [i for i in indices if i not in ctx.prompt_cache]
+    missing = [i for i in indices if i not in src.prompt_cache]
     if missing:
-        enc = encode_prompts([ctx.task.train[i] for i in missing], cfg.task, ctx.tok)
-        ctx.prompt_cache.update(zip(missing, enc))
-    ro = generate(policy, [ctx.prompt_cache[i] for i in indices],
+        enc = encode_prompts([src.task.train[i] for i in missing], cfg.task, src.tokenizer)
+        src.prompt_cache.update(zip(missing, enc))
+    ro = generate(policy, [src.prompt_cache[i] for i in indices],
                   max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
                   key=key, top_p=float(r.top_p), top_k=int(r.top_k),
-                  eos_id=ctx.stop_ids, num_samples=int(r.group_size),
-                  pad_id=ctx.tok.pad_token_id, decode_fn=ctx.decode_fn)
+                  eos_id=src.stop_ids, num_samples=int(r.group_size),
+                  pad_id=src.tokenizer.pad_token_id, decode_fn=src.decode_fn)
     # Rows may be split over the mesh (and hosts): gather them on every host.
     prompt_tokens, prompt_mask, tokens, mask, sampler_logp = to_host(
         (ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs))
     mask = mask.astype(np.float32)
-    moe = {}
-    if ro.routed_experts is not None:  # MoE: the experts per slot, for routing replay
-        moe["routed_experts"] = to_host(ro.routed_experts)
-    examples = [ctx.task.train[i] for i in indices for _ in range(r.group_size)]
-    texts = decode_responses(tokens, mask, ctx.tok)
-    correct, gradable = ctx.task.score(texts, examples)
+    examples = [src.task.train[i] for i in indices for _ in range(r.group_size)]
+    texts = decode_responses(tokens, mask, src.tokenizer)
+    correct, gradable = src.task.score(texts, examples)
     rewards = correct.copy()
-    lengths = mask.sum(-1)
     ov = cfg.dapo.overlong
     if ov.enable:
         from espo_jax.rewards import overlong_budget, overlong_penalty  # noqa: PLC0415
         max_len, buffer = overlong_budget(int(ov.max_len), int(ov.buffer),
                                           float(ov.buffer_frac), int(r.max_new_tokens))
-        rewards = rewards + overlong_penalty(lengths, max_len, buffer, float(ov.penalty))
-    return dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens, mask=mask,
-                sampler_logp=np.where(mask > 0, sampler_logp, 0.0).astype(np.float32),
-                rewards=rewards.astype(np.float32),
-                correct=correct.astype(np.float32), gradable=gradable,
-                group_index=np.repeat(np.asarray(indices), r.group_size), texts=texts, **moe)
+        rewards = rewards + overlong_penalty(mask.sum(-1), max_len, buffer, float(ov.penalty))
+    return RolloutBatch(
+        prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens, mask=mask,
+        sampler_logp=np.where(mask > 0, sampler_logp, 0.0).astype(np.float32),
+        rewards=rewards.astype(np.float32), correct=correct.astype(np.float32),
+        gradable=np.asarray(gradable), group_index=np.repeat(np.asarray(indices), r.group_size),
+        texts=list(texts),
+        # MoE: the experts of every slot, for routing replay and router agreement.
+        routed_experts=None if ro.routed_experts is None else to_host(ro.routed_experts))
 
 
-def collect(ctx, state, step: int) -> tuple[dict, dict]:
-    """The step's rollout batch (with DAPO dynamic sampling when on) and its metrics."""
-    cfg = ctx.config
+def collect(src: PromptSource, policy, step: int) -> tuple[RolloutBatch, dict]:
+    """The step's rollout (with DAPO dynamic sampling when on) and its metrics."""
+    cfg = src.config
     p, g = int(cfg.rollout.prompts_per_step), int(cfg.rollout.group_size)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
-    policy = state.compute_model()  # one compute-dtype copy per rollout
-    first = sample_groups(ctx, policy, ctx.order.step(step, p), key)
-    info = {}
+    first = sample_groups(src, policy, src.order.step(step, p), key)
     if not cfg.dapo.dynamic_sampling:
-        return first, info
+        return first, {}
 
-    def split(batch):
-        r = batch["rewards"].reshape(-1, g)
-        varied = r.max(1) > r.min(1)
-        return varied
-
-    kept, dropped, n_kept, tries = [], [], 0, 0
+    kept, dropped, tries = [], [], 0
     batch, n_all_equal = first, 0
     while True:
-        varied = split(batch)
+        r = batch.rewards.reshape(-1, g)
+        varied = r.max(1) > r.min(1)
         n_all_equal += int((~varied).sum())
         for grp in range(p):
-            target = kept if varied[grp] else dropped
-            target.append(_take_group(batch, grp, g))
-        n_kept = len(kept)
-        if n_kept >= p or tries >= int(cfg.dapo.max_sampling_tries):
+            (kept if varied[grp] else dropped).append(batch.rows(slice(grp * g, (grp + 1) * g)))
+        if len(kept) >= p or tries >= int(cfg.dapo.max_sampling_tries):
             break
         tries += 1
-        batch = sample_groups(ctx, policy, ctx.order.refill(step, tries, p),
-                               jax.random.fold_in(key, tries))
-    filled = max(0, p - n_kept)
-    groups = kept[:p] + dropped[:filled]
+        batch = sample_groups(src, policy, src.order.refill(step, tries, p),
+                              jax.random.fold_in(key, tries))
+    filled = max(0, p - len(kept))
     info = {"dynamic_sampling_tries": float(tries + 1),
             "dynamic_sampling_filled_frac": filled / p,
             "dynamic_sampling_all_equal_frac": n_all_equal / (p * (tries + 1))}
-    return _concat_rollouts(groups, ctx.tok.pad_token_id), info
-
-
-def _take_group(batch: dict, grp: int, g: int) -> dict:
-    sl = slice(grp * g, (grp + 1) * g)
-    return {k: (v[sl] if isinstance(v, np.ndarray) else v[sl]) for k, v in batch.items()}
+    return RolloutBatch.concat(kept[:p] + dropped[:filled], src.tokenizer.pad_token_id), info

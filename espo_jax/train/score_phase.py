@@ -36,17 +36,17 @@ def espo_groups(hparams: dict, entropy: np.ndarray, mask: np.ndarray) -> np.ndar
     return np.asarray(jax.device_get(fn(entropy, mask)), np.int32)
 
 
-def score_extras(config, hparams: dict, batch: dict, old_logp: np.ndarray,
-                 entropy: np.ndarray) -> tuple[dict, dict]:
+def score_extras(config, hparams: dict, mask: np.ndarray, sampler_logp: np.ndarray,
+                 old_logp: np.ndarray, entropy: np.ndarray) -> tuple[dict, dict]:
     """(extra batch arrays, metrics) for one rollout batch.
 
-    batch: the rollout (``mask`` f32[B, T], ``sampler_logp`` f32[B, T]); old_logp, entropy:
-    the scoring pass's f32[B, T]. Extra arrays: ``groups`` i32[B, T] (ESPO) and
-    ``is_weights`` f32[B, T] (rollout correction on).
+    mask f32[B, T] and sampler_logp f32[B, T]: the rollout's; old_logp, entropy: the
+    scoring pass's f32[B, T]. Extra arrays: ``groups`` i32[B, T] (ESPO) and ``is_weights``
+    f32[B, T] (rollout correction on).
     """
-    mask = np.asarray(batch["mask"], np.float32)
+    mask = np.asarray(mask, np.float32)
     valid = mask > 0
-    diff = np.abs(np.asarray(batch["sampler_logp"], np.float64) - old_logp)[valid]
+    diff = np.abs(np.asarray(sampler_logp, np.float64) - old_logp)[valid]
     metrics = {"sampler_scorer/logp_abs_diff_max": float(diff.max()) if diff.size else 0.0,
                "sampler_scorer/logp_abs_diff_mean": float(diff.mean()) if diff.size else 0.0}
     extra = {}
@@ -55,7 +55,7 @@ def score_extras(config, hparams: dict, batch: dict, old_logp: np.ndarray,
         if groups is not None:
             extra["groups"] = groups
     rc = config.rollout_correction
-    w, m = rollout_correction_weights(old_logp, batch["sampler_logp"], mask, str(rc.mode),
+    w, m = rollout_correction_weights(old_logp, sampler_logp, mask, str(rc.mode),
                                       float(rc.threshold))
     if w is not None:
         extra["is_weights"] = np.asarray(jax.device_get(w), np.float32)

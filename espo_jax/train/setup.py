@@ -1,5 +1,5 @@
-"""Run set-up: config validation (clear errors naming keys and numbers), the objective's
-hyper-parameters, the mesh module, and loading the policy + tokenizer."""
+"""Run set-up: the objective's hyper-parameters, the batch axes' size, and loading the
+policy + tokenizer (validation is ``espo_jax.train.validate``)."""
 from __future__ import annotations
 
 import pathlib
@@ -10,29 +10,11 @@ import numpy as np
 from espo_jax import data as data_lib
 
 
-def _mesh_lib():
-    try:
-        from espo_jax.train import mesh as mesh_lib  # noqa: PLC0415
-    except ImportError as e:
-        print(f"WARNING: espo_jax.train.mesh unavailable ({e}); running unsharded", flush=True)
-        return None
-    return mesh_lib
-
-
 def batch_axes_size(mesh) -> int:
     if mesh is None:
         return 1
     from espo_jax.models.sharding import batch_axes  # noqa: PLC0415
     return int(np.prod([mesh.shape[a] for a in batch_axes(mesh) if a in mesh.shape]))
-
-
-def validate(config, mesh=None) -> None:
-    """Batch/objective/mesh checks for ``mesh`` (no file checks); kept for older callers:
-    the full check is ``espo_jax.train.validate.validate``."""
-    from espo_jax.train.validate import validate as validate_all  # noqa: PLC0415
-
-    validate_all(config, num_devices=1 if mesh is None else mesh.devices.size,
-                 check_files=False)
 
 
 def objective_hparams(config, vocab_size: int) -> dict:
@@ -54,9 +36,12 @@ def _dtype(name: str, key: str = "model.dtype"):
         raise ValueError(f"{key}: unknown dtype {name!r}") from e
 
 
-def load_policy(config, mesh, mesh_lib):
-    """(model, tokenizer), with clear errors for a missing directory or a vocab mismatch."""
+def load_policy(config, mesh):
+    """(model, tokenizer): the policy loaded straight into its shardings on ``mesh`` (the
+    table ``train.mesh.DEFAULT_RULES``), with clear errors for a missing directory or a
+    vocab mismatch."""
     from espo_jax.models import from_pretrained  # noqa: PLC0415
+    from espo_jax.train.mesh import DEFAULT_RULES  # noqa: PLC0415
 
     path = pathlib.Path(config.model.path)
     if not config.model.path or not path.is_dir():
@@ -68,19 +53,14 @@ def load_policy(config, mesh, mesh_lib):
     from espo_jax.models import ModelConfig  # noqa: PLC0415
     # Vocab check from config.json first: a mismatch fails before any weight is read.
     data_lib.check_vocab(tok, int(ModelConfig.from_hf(str(path / "config.json")).vocab_size))
-    kw = {}
-    if mesh is not None:
-        kw["mesh"] = mesh
-        rules = getattr(mesh_lib, "DEFAULT_RULES", None)
-        if rules is not None:
-            kw["rules"] = rules
+    kw = dict(mesh=mesh, rules=DEFAULT_RULES,
+              # ModelConfig overrides from the run config.
+              attention_impl=str(config.model.attention_impl),
+              attention_chunk=int(config.model.attention_chunk),
+              remat_policy=str(config.model.remat_policy),
+              scan_layers=bool(config.model.scan_layers))
     if config.model.remat:
-        kw["remat"] = True  # ModelConfig override: rematerialise each layer in training
-    # ModelConfig overrides (`.get`: configs written before these keys keep working).
-    kw["attention_impl"] = config.model.get("attention_impl", "auto")
-    kw["attention_chunk"] = int(config.model.get("attention_chunk", 512))
-    kw["remat_policy"] = config.model.get("remat_policy", "nothing")
-    kw["scan_layers"] = bool(config.model.get("scan_layers", False))
+        kw["remat"] = True  # rematerialise each layer in training
     # Compute in model.dtype; master weights (and so the optimizer state) in model.param_dtype.
     model = from_pretrained(str(path), dtype=_dtype(config.model.dtype),
                             param_dtype=_dtype(config.model.param_dtype, "model.param_dtype"),
