@@ -11,11 +11,11 @@ from espo_jax.models.config import ModelConfig
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> list:
-  shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-          for _ in range(cfg.num_layers)]
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.num_layers)]
 
 
 def cache_length(cache) -> int:
-  """Number of slots S of a cache made by `init_cache`."""
-  return cache[0]["k"].shape[1]
+    """Number of slots S of a cache made by `init_cache`."""
+    return cache[0]["k"].shape[1]

@@ -10,22 +10,22 @@ _ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "fl
 
 
 def canonical_dtype(dtype):
-  """'bfloat16' / 'float32' / 'float16' (or aliases, or a jnp/np dtype) -> jnp dtype."""
-  if isinstance(dtype, str):
-    name = _ALIASES.get(dtype.lower(), dtype.lower())
-    if name.startswith("torch."):
-      name = name[len("torch."):]
-    if name not in DTYPES:
-      raise ValueError(f"unknown dtype name {dtype!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
-  try:
-    dt = np.dtype(dtype)
-  except TypeError as e:
-    raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}") from e
-  if dt.name not in DTYPES:
-    raise ValueError(f"unsupported dtype {dt.name!r}; expected one of {sorted(DTYPES)}")
-  return DTYPES[dt.name]
+    """'bfloat16' / 'float32' / 'float16' (or aliases, or a jnp/np dtype) -> jnp dtype."""
+    if isinstance(dtype, str):
+        name = _ALIASES.get(dtype.lower(), dtype.lower())
+        if name.startswith("torch."):
+            name = name[len("torch."):]
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype name {dtype!r}; expected one of {sorted(DTYPES)}")
+        return DTYPES[name]
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}") from e
+    if dt.name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dt.name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dt.name]
 
 
 def dtype_name(dtype) -> str:
-  return np.dtype(canonical_dtype(dtype)).name
+    return np.dtype(canonical_dtype(dtype)).name

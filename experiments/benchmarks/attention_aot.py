@@ -24,40 +24,40 @@ import jax  # noqa: E402
 
 
 def _gpu_check():
-  here = os.path.dirname(os.path.abspath(__file__))
-  spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(here, "gpu_check.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(here, "gpu_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model", default="1.7b")
-  p.add_argument("--impl", default="blockwise")
-  p.add_argument("--scan", action="store_true", help="model.scan_layers=True")
-  p.add_argument("--prompt-len", type=int, default=512)
-  p.add_argument("--response-len", type=int, default=16384)
-  p.add_argument("--layers", type=int, nargs="+", default=[2, 4])
-  a = p.parse_args()
-  g = _gpu_check()
-  orig = g.model_config
-  g.model_config = lambda *x, **k: orig(*x, **k).replace(attention_impl=a.impl,
-                                                         scan_layers=a.scan)
-  print(f"{'layers':>6} {'temp GiB':>9} {'args GiB':>9} {'out GiB':>8} {'compile s':>9}")
-  for n in a.layers:
-    args = g.parse([f"--model={a.model}", f"--layers={n}", "--batch=8",
-                    f"--prompt-len={a.prompt_len}", f"--response-len={a.response_len}",
-                    "--chunk-size=1024", "--data=1", "--fsdp=8", "--tensor=1", "--remat=1",
-                    "--force"])
-    b = g.build(args)
-    t0 = time.perf_counter()
-    with jax.set_mesh(b["mesh"]):
-      c = b["jstep"].lower(*g.abstract_inputs(b, 8, a.prompt_len, a.response_len)).compile()
-    m = c.memory_analysis()
-    print(f"{n:>6} {m.temp_size_in_bytes / 2**30:9.2f} {m.argument_size_in_bytes / 2**30:9.2f} "
-          f"{m.output_size_in_bytes / 2**30:8.2f} {time.perf_counter() - t0:9.0f}", flush=True)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="1.7b")
+    p.add_argument("--impl", default="blockwise")
+    p.add_argument("--scan", action="store_true", help="model.scan_layers=True")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--response-len", type=int, default=16384)
+    p.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    a = p.parse_args()
+    g = _gpu_check()
+    orig = g.model_config
+    g.model_config = lambda *x, **k: orig(*x, **k).replace(attention_impl=a.impl,
+                                                           scan_layers=a.scan)
+    print(f"{'layers':>6} {'temp GiB':>9} {'args GiB':>9} {'out GiB':>8} {'compile s':>9}")
+    for n in a.layers:
+        args = g.parse([f"--model={a.model}", f"--layers={n}", "--batch=8",
+                        f"--prompt-len={a.prompt_len}", f"--response-len={a.response_len}",
+                        "--chunk-size=1024", "--data=1", "--fsdp=8", "--tensor=1", "--remat=1",
+                        "--force"])
+        b = g.build(args)
+        t0 = time.perf_counter()
+        with jax.set_mesh(b["mesh"]):
+            c = b["jstep"].lower(*g.abstract_inputs(b, 8, a.prompt_len, a.response_len)).compile()
+        m = c.memory_analysis()
+        print(f"{n:>6} {m.temp_size_in_bytes / 2**30:9.2f} {m.argument_size_in_bytes / 2**30:9.2f} "
+              f"{m.output_size_in_bytes / 2**30:8.2f} {time.perf_counter() - t0:9.0f}", flush=True)
 
 
 if __name__ == "__main__":
-  main()
+    main()
