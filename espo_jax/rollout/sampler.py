@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from espo_jax.rollout.sampling import sample_step
+from espo_jax.rollout import engine
+from espo_jax.rollout.sampling import sample_rows, token_keys
 
 
 class Rollout(NamedTuple):
@@ -38,6 +39,15 @@ class Rollout(NamedTuple):
     logprobs      f32[B, N]  log-prob of each token under the distribution it was
                              drawn from (see ``sampling``); 0 where mask is 0
     lengths       i32[B]     number of response tokens (= mask.sum(-1))
+
+    Randomness: token t of row i (rows in output order: prompt-major, the G samples of a
+    prompt consecutive) is drawn with ``fold_in(fold_in(key, i), t)``
+    (``sampling.token_keys``), so the same key gives the same responses whatever the
+    batch layout: static batch or continuous batching with any ``max_concurrent``, any
+    prompt bucket, any mesh (up to float rounding of the logits across batch shapes,
+    which can flip a near-tied draw). Before the rollout engine every row drew token t
+    with ``fold_in(key, t)`` and one batched categorical, which tied a row's draws to
+    the batch it ran in.
     """
     prompt_tokens: jax.Array
     prompt_mask: jax.Array
@@ -81,15 +91,16 @@ class DecodeOptions:
 def decode(
     graphdef: nnx.GraphDef, options: DecodeOptions, state: nnx.State, prompt_ids: jax.Array,
     prompt_mask: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
-    eos_ids: jax.Array,
+    eos_ids: jax.Array, budgets: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Prefill + decode loop; pure. Jit it with ``static_argnums=STATIC_ARGNUMS``
-    (``decode_jit``), adding in/out shardings for the 7 array arguments if wanted.
+    (``decode_jit``), adding in/out shardings for the 8 array arguments if wanted.
 
     state: the model's nnx.State; prompt_ids i32[B, P] left-padded, prompt_mask i32[B, P]
     (each row ends in a real token), key a PRNG key, temperature / top_p f32 scalars,
-    eos_ids i32[E] (E may be 0) -> (tokens i32[B, N], mask f32[B, N], logprobs f32[B, N]).
-    Token t of every row is drawn with ``jax.random.fold_in(key, t)``.
+    eos_ids i32[E] (E may be 0), budgets i32[B] in [1, N] (max new tokens of each row)
+    -> (tokens i32[B, N], mask f32[B, N], logprobs f32[B, N]).
+    Token t of row i is drawn with ``token_keys``: ``fold_in(fold_in(key, i), t)``.
     """
     model = nnx.merge(graphdef, state)
     batch, plen = prompt_ids.shape
@@ -97,9 +108,13 @@ def decode(
     prompt_mask = prompt_mask.astype(jnp.int32)
     prompt_len = prompt_mask.sum(axis=1)                                  # [B]
     kv_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n), jnp.int32)], axis=1)
-    sample = functools.partial(sample_step, temperature=temperature, top_p=top_p,
-                               top_k=options.top_k, greedy=options.greedy,
-                               use_top_p=options.use_top_p)
+    rows = jnp.arange(batch, dtype=jnp.int32)
+    sample_ = functools.partial(sample_rows, temperature=temperature, top_p=top_p,
+                                top_k=options.top_k, greedy=options.greedy,
+                                use_top_p=options.use_top_p)
+
+    def sample(logits, step):
+        return sample_(logits, token_keys(key, rows, jnp.full((batch,), step, jnp.int32)))
 
     def is_stop(tok):                                                     # [B] -> bool[B]
         return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
@@ -109,12 +124,13 @@ def decode(
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
     logits, cache = _last_logits(model, prompt_ids.astype(jnp.int32), positions, kv_mask,
                                  cache, jnp.asarray(0, jnp.int32))
-    tok, logp = sample(logits, jax.random.fold_in(key, 0))
+    tok, logp = sample(logits, 0)
 
     tokens = jnp.full((batch, n), pad_id, jnp.int32).at[:, 0].set(tok)
     logps = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(logp)
     mask = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(1.0)
-    done = is_stop(tok)
+    budgets = budgets.astype(jnp.int32)
+    done = is_stop(tok) | (budgets <= 1)
 
     def cond(carry):
         step, _, done, *_ = carry
@@ -125,14 +141,14 @@ def decode(
         # Feed token step-1 (slot P+step-1) to get the distribution of token `step`.
         pos = (prompt_len + step - 1)[:, None]
         logits, cache = _last_logits(model, prev[:, None], pos, kv_mask, cache, plen + step - 1)
-        tok, logp = sample(logits, jax.random.fold_in(key, step))
+        tok, logp = sample(logits, step)
         live = ~done
         tok = jnp.where(live, tok, pad_id)
         logp = jnp.where(live, logp, 0.0)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
         logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, step))
         mask = jax.lax.dynamic_update_slice(mask, live.astype(jnp.float32)[:, None], (0, step))
-        return step + 1, tok, done | is_stop(tok), tokens, logps, mask, cache
+        return step + 1, tok, done | is_stop(tok) | (step + 1 >= budgets), tokens, logps, mask, cache
 
     carry = (jnp.asarray(1, jnp.int32), tok, done, tokens, logps, mask, cache)
     _, _, _, tokens, logps, mask, _ = jax.lax.while_loop(cond, body, carry)
@@ -214,18 +230,36 @@ def _max_positions(config) -> int | None:
     return None
 
 
+def _budgets(max_new_tokens, n_prompts: int) -> np.ndarray:
+    """max_new_tokens (an int, or one int per prompt) -> i32[n_prompts], each >= 1."""
+    if isinstance(max_new_tokens, (int, np.integer)):
+        budgets = np.full((n_prompts,), int(max_new_tokens), np.int64)
+    else:
+        budgets = np.asarray(max_new_tokens)
+        if budgets.shape != (n_prompts,) or not np.issubdtype(budgets.dtype, np.integer):
+            raise ValueError(f"max_new_tokens must be an int or {n_prompts} ints (one per "
+                             f"prompt), got shape {budgets.shape} of {budgets.dtype}")
+    if budgets.min() < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {int(budgets.min())}")
+    return budgets.astype(np.int32)
+
+
 def generate(
     model: nnx.Module, prompts: Sequence[Sequence[int]] | tuple[Any, Any], *,
-    max_new_tokens: int, temperature: float, key: jax.Array, top_p: float = 1.0,
-    top_k: int = 0, eos_id: int | Sequence[int] | None, num_samples: int = 1,
-    pad_id: int = 0, max_len: int | None = None, cache_dtype: Any = None,
-    decode_fn: Callable | None = None,
+    max_new_tokens: int | Sequence[int], temperature: float, key: jax.Array,
+    top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int] | None,
+    num_samples: int = 1, pad_id: int = 0, max_len: int | None = None,
+    cache_dtype: Any = None, decode_fn: Callable | None = None,
+    max_concurrent: int | None = None, prefill_chunk: int = 512, kv_block: int = 256,
+    engine_fn: Callable | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt with a KV cache, in one jitted call.
 
     prompts: list of token-id lists (any lengths >= 1) or (ids [B0, P0], mask [B0, P0])
       left-padded arrays. Prompts are left-padded to a bucketed length P
       (``bucket_length``) so shapes, and compiles, are shared across calls.
+    max_new_tokens: N, or one budget per prompt (B0 ints >= 1; N = their max): row i
+      stops after its budget (for curricula and benchmarks with controlled lengths).
     num_samples: G; the batch is B = B0 * G with the G samples of a prompt consecutive.
     temperature: 0 -> greedy (argmax); > 0 samples from softmax(filtered logits / T).
     top_p (1.0 = off), top_k (0 = off): truncation, applied after temperature, top-k
@@ -233,13 +267,18 @@ def generate(
     eos_id: a stop token, a list of stop tokens, or None (always N tokens).
     max_len: cap on prompt + response length; defaults to the model's max positions.
     cache_dtype: KV cache dtype (default: the model's compute dtype).
+    max_concurrent: None -> one static batch of all B rows (``decode``: a B x (P + N)
+      cache, every row runs until the last one ends). K -> continuous batching
+      (``espo_jax.rollout.engine``): K rows in flight, a finished row's slot is refilled
+      with the next prompt, a K x (P + N) cache, ragged attention; the same responses.
+    prefill_chunk, kv_block: the engine's prompt tokens per prefill step and kv
+      positions per attention block (clipped to the bucket for short inputs).
     decode_fn: a jitted variant of ``decode`` with the same signature, e.g.
       ``jax.jit(decode, static_argnums=STATIC_ARGNUMS, in_shardings=..., out_shardings=...)``;
-      defaults to ``decode_jit``.
-    Returns a ``Rollout``; arrays stay on device (no host sync).
+      defaults to ``decode_jit`` (static batch only).
+    engine_fn: the same for ``engine.engine_decode`` (default ``engine.engine_jit``).
+    Returns a ``Rollout`` (rows in input order); arrays stay on device (no host sync).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
@@ -248,8 +287,18 @@ def generate(
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if max_concurrent is not None and (isinstance(max_concurrent, bool)
+                                       or not isinstance(max_concurrent, (int, np.integer))
+                                       or max_concurrent < 1):
+        raise ValueError(f"max_concurrent must be None (one static batch) or an int >= 1, "
+                         f"got {max_concurrent!r}")
+    for name, v in (("prefill_chunk", prefill_chunk), ("kv_block", kv_block)):
+        if not isinstance(v, (int, np.integer)) or v < 1 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 1, got {v!r}")
 
     ids, mask = _normalise_prompts(prompts, pad_id)
+    budgets = _budgets(max_new_tokens, ids.shape[0])
+    n_max = int(budgets.max())
     config = model.config
     vocab = int(config.vocab_size)
     lens = mask.sum(1)
@@ -257,15 +306,16 @@ def generate(
         raise ValueError(f"prompt token ids must be in [0, {vocab}); got range "
                          f"[{ids.min()}, {ids.max()}]")
     limit = max_len if max_len is not None else _max_positions(config)
-    longest = int(lens.max())
-    if limit is not None and longest + max_new_tokens > limit:
-        row = int(np.argmax(lens))
+    total = lens + budgets
+    if limit is not None and total.max() > limit:
+        row = int(np.argmax(total))
         raise ValueError(
-            f"prompt {row} has {longest} tokens + max_new_tokens={max_new_tokens} = "
-            f"{longest + max_new_tokens} > {limit} (the cache / max position length: "
+            f"prompt {row} has {lens[row]} tokens + max_new_tokens={budgets[row]} = "
+            f"{total[row]} > {limit} (the cache / max position length: "
             f"{'max_len' if max_len is not None else 'model.config.max_position_embeddings'})"
             "; shorten the prompt or lower max_new_tokens")
 
+    longest = int(lens.max())
     plen = bucket_length(longest)
     if ids.shape[1] > plen:  # over-padded array input: drop all-pad columns on the left
         ids, mask = ids[:, -plen:], mask[:, -plen:]
@@ -275,16 +325,33 @@ def generate(
         mask = np.pad(mask, ((0, 0), (extra, 0)))
     if num_samples > 1:
         ids, mask = np.repeat(ids, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
+        budgets = np.repeat(budgets, num_samples)
 
     greedy = temperature == 0
     graphdef, state = nnx.split(model)
-    options = DecodeOptions(max_new_tokens=int(max_new_tokens), top_k=int(top_k),
-                            greedy=bool(greedy), use_top_p=bool(top_p < 1.0),
-                            pad_id=int(pad_id), cache_dtype=cache_dtype)
-    tokens, out_mask, logprobs = (decode_fn or decode_jit)(
-        graphdef, options, state, jnp.asarray(ids), jnp.asarray(mask), key,
-        jnp.asarray(1.0 if greedy else temperature, jnp.float32),
-        jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_array(eos_id)))
+    traced = (key, jnp.asarray(1.0 if greedy else temperature, jnp.float32),
+              jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_array(eos_id)))
+    if max_concurrent is None:
+        options = DecodeOptions(max_new_tokens=n_max, top_k=int(top_k),
+                                greedy=bool(greedy), use_top_p=bool(top_p < 1.0),
+                                pad_id=int(pad_id), cache_dtype=cache_dtype)
+        tokens, out_mask, logprobs = (decode_fn or decode_jit)(
+            graphdef, options, state, jnp.asarray(ids), jnp.asarray(mask), *traced,
+            jnp.asarray(budgets))
+        lengths = out_mask.sum(-1).astype(jnp.int32)
+    else:
+        chunk = min(int(prefill_chunk), plen)
+        block = min(int(kv_block), bucket_length(plen + n_max))
+        k = min(int(max_concurrent), ids.shape[0])
+        options = engine.EngineOptions(
+            max_new_tokens=n_max, max_concurrent=k, prefill_chunk=chunk, kv_block=block,
+            decode_sizes=engine.default_decode_sizes(k), top_k=int(top_k),
+            greedy=bool(greedy), use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
+            cache_dtype=cache_dtype)
+        right, plens = engine.right_align(ids, mask, chunk, pad_id)
+        tokens, lengths, logprobs = (engine_fn or engine.engine_jit)(
+            graphdef, options, state, jnp.asarray(right), jnp.asarray(plens),
+            jnp.asarray(budgets), *traced)
+        out_mask = (jnp.arange(n_max)[None, :] < lengths[:, None]).astype(jnp.float32)
     return Rollout(prompt_tokens=jnp.asarray(ids), prompt_mask=jnp.asarray(mask),
-                   tokens=tokens, mask=out_mask, logprobs=logprobs,
-                   lengths=out_mask.sum(-1).astype(jnp.int32))
+                   tokens=tokens, mask=out_mask, logprobs=logprobs, lengths=lengths)

@@ -96,3 +96,31 @@ def sample_step(
         logp_all = jax.nn.log_softmax(filtered, axis=-1)
     logprobs = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
+
+
+def token_keys(key: jax.Array, rows: jax.Array, steps: jax.Array) -> jax.Array:
+    """The key of token ``steps[i]`` of row ``rows[i]``: ``fold_in(fold_in(key, row), t)``.
+
+    key: one PRNG key (typed or raw uint32[2]); rows, steps i32[B] -> B keys. A row's
+    draws depend only on (key, row, t), never on which other rows share its batch, so
+    the same key gives the same responses whatever the batch layout (static batch,
+    continuous batching with any number of slots, any mesh).
+    """
+    return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(rows, steps)
+
+
+def sample_rows(
+    logits: jax.Array, keys: jax.Array, temperature: jax.Array | float,
+    top_p: jax.Array | float = 1.0, *, top_k: int = 0, greedy: bool = False,
+    use_top_p: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``sample_step`` with one key per row (``token_keys``): logits f32[B, V], keys [B]
+    -> (tokens i32[B], logprobs f32[B]). Row i's token depends only on its logits and key."""
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        return sample_step(logits, None, temperature, top_p, top_k=top_k, greedy=True)
+    filtered = process_logits(logits, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+    tokens = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    logp_all = jax.nn.log_softmax(filtered, axis=-1)
+    logprobs = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs

@@ -1,0 +1,278 @@
+"""Continuous-batching rollout engine: K sequences in flight, refilled from a queue.
+
+One jitted program (``engine_decode``) runs the whole rollout of B prompts:
+
+    while a prompt is pending or a slot is busy:
+        if a slot is free (or mid-prefill) and a prompt is pending:
+            prefill the next chunk of C prompt tokens of ONE slot into its cache row;
+            after its last chunk, sample the response's first token
+        else:
+            one decode step for the busy slots (K rows, or fewer: see ``decode_sizes``)
+        a slot whose row hit a stop token or its budget is freed (its row is done)
+
+KV cache: per layer {"k", "v"} [K, S, KVH, hd] with S = P + N rounded up to the kv block
+(P: the longest prompt rounded up to the prefill chunk; N: the largest budget) -- sized
+by what is in flight (K), never by B. A sequence sits at positions [0, len) of its slot
+(no left padding: positions are cache indices). Attention (``kv_attention``) reads only
+the kv blocks below the longest live length of the rows in the call; prefill attends
+only over the prompt's own positions.
+
+Drain: once fewer than K slots are busy, the decode step gathers the busy slots into the
+smallest of ``decode_sizes`` that holds them (a ``lax.switch`` over static sizes), so the
+long tail of a ragged rollout runs on a small batch instead of K mostly-empty rows.
+
+Randomness: token t of row i is drawn with ``fold_in(fold_in(key, i), t)``
+(``sampling.token_keys``), whatever slot or step it runs in, so the responses do not
+depend on K (nor on the static sampler vs this engine).
+
+The decode forward reuses the model's own modules (projections, norms, MLP, RoPE) and
+weights; only the attention and cache layout are the engine's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from espo_jax.models.layers import apply_rope, rope_inv_freq
+from espo_jax.rollout.kv_attention import ragged_attention
+from espo_jax.rollout.sampling import sample_rows, token_keys
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """Static (compile-time) options of ``engine_decode``; hashable.
+
+    max_new_tokens N (the output width; per-row budgets may be smaller);
+    max_concurrent K slots; prefill_chunk C prompt tokens per prefill step (the prompt
+    array's width is a multiple of C); kv_block positions per attention block (the cache
+    length is a multiple of it); decode_sizes: descending batch sizes of the decode step,
+    the first = K; sampling flags and pad_id as in ``sampler.DecodeOptions``;
+    cache_dtype (None = the model's compute dtype).
+    """
+    max_new_tokens: int
+    max_concurrent: int
+    prefill_chunk: int
+    kv_block: int
+    decode_sizes: tuple
+    top_k: int = 0
+    greedy: bool = False
+    use_top_p: bool = False
+    pad_id: int = 0
+    cache_dtype: Any = None
+
+
+def default_decode_sizes(k: int) -> tuple:
+    """K, then K/4, K/16, ... (>= 1): a few drain sizes, each one compiled decode step."""
+    sizes, s = [k], k
+    while s > 1 and len(sizes) < 3:
+        s = max(1, -(-s // 4))
+        sizes.append(s)
+    return tuple(dict.fromkeys(sizes))
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _mlp(layer, x):
+    out = layer.mlp(x)
+    return out[0] if isinstance(out, tuple) else out  # a MoE block may also return aux
+
+
+def _forward(model, ids, positions, cache, write, attend):
+    """The decoder trunk with the engine's cache: ids, positions i32[M, T] ->
+    final-norm hidden f32[M, T, D], new cache. ``write(c, k, v)`` stores a layer's new
+    keys / values [M, T, KVH, hd] and returns the layer's new cache {"k", "v"};
+    ``attend(q, c)`` is the attention over it."""
+    cfg = model.config
+    inv_freq = rope_inv_freq(cfg)
+    m, t = ids.shape
+    x = jnp.take(model.embed_tokens[...], ids, axis=0).astype(model.dtype)
+    new_cache = []
+    for layer, c in zip(model.layers, cache):
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).reshape(m, t, cfg.num_heads, cfg.head_dim)
+        k = a.k_proj(h).reshape(m, t, cfg.num_kv_heads, cfg.head_dim)
+        v = a.v_proj(h).reshape(m, t, cfg.num_kv_heads, cfg.head_dim)
+        if a.q_norm is not None:
+            q, k = a.q_norm(q), a.k_norm(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        c = write(c, k, v)
+        o = attend(q, c)
+        x = x + a.o_proj(o.reshape(m, t, -1))
+        x = x + _mlp(layer, layer.post_attention_layernorm(x))
+        new_cache.append(c)
+    return model.norm(x, out_dtype=jnp.float32), new_cache
+
+
+def _unembed(model, w, hidden):
+    """Logits f32[M, V] of hidden f32[M, D]: compute-dtype operands, f32 accumulation
+    (the scoring pass's precision, ``espo_jax.ops.logprobs``)."""
+    dt = jnp.dtype(model.dtype)
+    prec = jax.lax.Precision.HIGHEST if dt == jnp.float32 else jax.lax.Precision.DEFAULT
+    return jnp.dot(hidden.astype(dt), w, preferred_element_type=jnp.float32, precision=prec)
+
+
+# ----------------------------------------------------------------------------- engine
+
+def engine_decode(
+    graphdef: nnx.GraphDef, options: EngineOptions, state: nnx.State, prompts: jax.Array,
+    prompt_len: jax.Array, budgets: jax.Array, key: jax.Array, temperature: jax.Array,
+    top_p: jax.Array, eos_ids: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The whole continuous-batching rollout; pure. Jit with ``static_argnums=(0, 1)``.
+
+    prompts i32[B, P] RIGHT-padded (row i's tokens at [0, prompt_len[i]); P a multiple of
+    options.prefill_chunk); prompt_len i32[B] (>= 1); budgets i32[B] in [1, N] (max new
+    tokens per row); key a PRNG key; temperature, top_p f32 scalars; eos_ids i32[E].
+    Rows are started in index order. Returns (tokens i32[B, N] (pad_id after the end),
+    lengths i32[B], logprobs f32[B, N] (0 after the end)).
+    """
+    model = nnx.merge(graphdef, state)
+    cfg = model.config
+    o = options
+    b, p = prompts.shape
+    n, k, c, blk = o.max_new_tokens, o.max_concurrent, o.prefill_chunk, o.kv_block
+    if p % c:
+        raise ValueError(f"prompt width {p} must be a multiple of prefill_chunk {c}")
+    s = -(-(p + n) // blk) * blk
+    cdt = jnp.dtype(o.cache_dtype) if o.cache_dtype is not None else jnp.dtype(model.dtype)
+    shape = (k, s, cfg.num_kv_heads, cfg.head_dim)
+    cache = [{"k": jnp.zeros(shape, cdt), "v": jnp.zeros(shape, cdt)}
+             for _ in range(cfg.num_layers)]
+    w = model.unembedding().astype(model.dtype)  # once per rollout, not per token
+    sample = functools.partial(sample_rows, temperature=temperature, top_p=top_p,
+                               top_k=o.top_k, greedy=o.greedy, use_top_p=o.use_top_p)
+    prompts = prompts.astype(jnp.int32)
+
+    def is_stop(tok):
+        return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+
+    # Slot state: row (-1 free), phase (0 free, 1 prefilling, 2 decoding), len (tokens in
+    # the cache), step (tokens generated), prev (the last token, next decode input).
+    slots = dict(row=jnp.full((k,), -1, jnp.int32), phase=jnp.zeros((k,), jnp.int32),
+                 len=jnp.zeros((k,), jnp.int32), step=jnp.zeros((k,), jnp.int32),
+                 prev=jnp.zeros((k,), jnp.int32))
+    out = dict(tokens=jnp.full((b, n), o.pad_id, jnp.int32),
+               logps=jnp.zeros((b, n), jnp.float32), lengths=jnp.zeros((b,), jnp.int32))
+
+    def emit(out, rows, steps, tok, logp, live):
+        """Write token `steps` of `rows` (dropped where not live) and finish rows."""
+        r = jnp.where(live, rows, b)  # out of range -> dropped
+        out = dict(out)
+        out["tokens"] = out["tokens"].at[r, steps].set(tok, mode="drop")
+        out["logps"] = out["logps"].at[r, steps].set(logp, mode="drop")
+        done = live & (is_stop(tok) | (steps + 1 >= budgets[jnp.clip(rows, 0, b - 1)]))
+        out["lengths"] = out["lengths"].at[jnp.where(done, rows, b)].set(steps + 1, mode="drop")
+        return out, done
+
+    def prefill(carry):
+        slots, out, nxt, cache = carry
+        busy = slots["phase"] == 1
+        sl = jnp.where(jnp.any(busy), jnp.argmax(busy), jnp.argmax(slots["phase"] == 0))
+        fresh = slots["phase"][sl] == 0
+        row = jnp.where(fresh, nxt, slots["row"][sl])
+        off = jnp.where(fresh, 0, slots["len"][sl])
+        plen = prompt_len[row]
+        ids = jax.lax.dynamic_slice(prompts[row], (off,), (c,))[None]       # [1, C]
+        pos = (off + jnp.arange(c, dtype=jnp.int32))[None]
+
+        def write(cc, kk, vv):
+            at = (sl, off, 0, 0)
+            return {"k": jax.lax.dynamic_update_slice(cc["k"], kk.astype(cdt), at),
+                    "v": jax.lax.dynamic_update_slice(cc["v"], vv.astype(cdt), at)}
+
+        def attend(q, cc):
+            return ragged_attention(q, cc["k"], cc["v"], sl[None], pos, (off + c)[None],
+                                    block=blk)
+
+        hidden, cache = _forward(model, ids, pos, cache, write, attend)
+        last = jnp.clip(plen - 1 - off, 0, c - 1)
+        logits = _unembed(model, w, hidden[0, last][None])
+        tok, logp = sample(logits, token_keys(key, row[None], jnp.zeros((1,), jnp.int32)))
+        finished = off + c >= plen
+        out, done = emit(out, row[None], jnp.zeros((1,), jnp.int32), tok, logp, finished[None])
+        done = done[0]
+        phase = jnp.where(done, 0, jnp.where(finished, 2, 1))
+        upd = dict(row=jnp.where(done, -1, row), phase=phase,
+                   len=jnp.where(finished, plen, off + c), step=jnp.where(finished, 1, 0),
+                   prev=tok[0])
+        slots = {name: v.at[sl].set(upd[name]) for name, v in slots.items()}
+        return slots, out, nxt + fresh.astype(jnp.int32), cache
+
+    def decode_with(size):
+        def step(carry):
+            slots, out, nxt, cache = carry
+            busy = slots["phase"] == 2
+            idx = (jnp.arange(k, dtype=jnp.int32) if size == k
+                   else jnp.nonzero(busy, size=size, fill_value=k)[0].astype(jnp.int32))
+            safe = jnp.clip(idx, 0, k - 1)
+            live = (idx < k) & busy[safe]
+            rows, pos = slots["row"][safe], slots["len"][safe]
+            steps = slots["step"][safe]
+
+            def write(cc, kk, vv):
+                at = jnp.where(live, idx, k)  # idle rows write nowhere
+                return {"k": cc["k"].at[at, pos].set(kk[:, 0].astype(cdt), mode="drop"),
+                        "v": cc["v"].at[at, pos].set(vv[:, 0].astype(cdt), mode="drop")}
+
+            def attend(q, cc):
+                return ragged_attention(q, cc["k"], cc["v"], safe, pos[:, None],
+                                        jnp.where(live, pos + 1, 0), block=blk)
+
+            hidden, cache = _forward(model, slots["prev"][safe][:, None], pos[:, None], cache,
+                                     write, attend)
+            logits = _unembed(model, w, hidden[:, 0])
+            tok, logp = sample(logits, token_keys(key, jnp.maximum(rows, 0), steps))
+            out, done = emit(out, rows, steps, tok, logp, live)
+            at = jnp.where(live, idx, k)
+            upd = dict(row=jnp.where(done, -1, rows), phase=jnp.where(done, 0, 2),
+                       len=pos + 1, step=steps + 1, prev=tok)
+            slots = {name: v.at[at].set(upd[name], mode="drop") for name, v in slots.items()}
+            return slots, out, nxt, cache
+        return step
+
+    sizes = tuple(o.decode_sizes)
+    steps_by_size = [decode_with(z) for z in sizes]
+
+    def decode(carry):
+        if len(sizes) == 1:
+            return steps_by_size[0](carry)
+        n_busy = jnp.sum(carry[0]["phase"] == 2)
+        # the smallest size that holds every busy slot (sizes descend)
+        which = jnp.sum(jnp.asarray(sizes[1:], jnp.int32) >= n_busy).astype(jnp.int32)
+        return jax.lax.switch(which, steps_by_size, carry)
+
+    def cond(carry):
+        slots, _, nxt, _ = carry
+        return (nxt < b) | jnp.any(slots["phase"] > 0)
+
+    def body(carry):
+        slots, _, nxt, _ = carry
+        need = jnp.any(slots["phase"] == 1) | (jnp.any(slots["phase"] == 0) & (nxt < b))
+        return jax.lax.cond(need, prefill, decode, carry)
+
+    carry = (slots, out, jnp.asarray(0, jnp.int32), cache)
+    _, out, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out["tokens"], out["lengths"], out["logps"]
+
+
+STATIC_ARGNUMS = (0, 1)
+engine_jit = jax.jit(engine_decode, static_argnums=STATIC_ARGNUMS)
+
+
+def right_align(ids: np.ndarray, mask: np.ndarray, chunk: int, pad_id: int):
+    """Left-padded (ids, mask) [B, P0] -> prompts i32[B, P] with each row's tokens at
+    [0, len) (P = longest rounded up to a multiple of ``chunk``), lengths i32[B]."""
+    lens = mask.sum(1).astype(np.int32)
+    width = max(chunk, -(-int(lens.max()) // chunk) * chunk)
+    out = np.full((ids.shape[0], width), pad_id, np.int32)
+    for i, (row, n) in enumerate(zip(ids, lens)):
+        out[i, :n] = row[ids.shape[1] - n:]
+    return out, lens
