@@ -41,7 +41,7 @@ from flax import nnx
 
 from espo_jax.models.layers import apply_rope, rope_inv_freq
 from espo_jax.rollout.kv_attention import ragged_attention
-from espo_jax.rollout.sampling import sample_rows, token_keys
+from espo_jax.rollout.sampling import sample_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +68,9 @@ class EngineOptions:
 
 
 def default_decode_sizes(k: int) -> tuple:
-    """K, then K/4, K/16, ... (>= 1): a few drain sizes, each one compiled decode step."""
-    sizes, s = [k], k
-    while s > 1 and len(sizes) < 3:
-        s = max(1, -(-s // 4))
-        sizes.append(s)
-    return tuple(dict.fromkeys(sizes))
+    """(K, ceil(K/4)) for K >= 8, else (K,): one drain size where it pays (each size is
+    one more compiled decode step)."""
+    return (k, -(-k // 4)) if k >= 8 else (k,)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -150,6 +147,11 @@ def engine_decode(
     sample = functools.partial(sample_rows, temperature=temperature, top_p=top_p,
                                top_k=o.top_k, greedy=o.greedy, use_top_p=o.use_top_p)
     prompts = prompts.astype(jnp.int32)
+    # fold_in(key, row) once per row; token t then folds in t (= sampling.token_keys).
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b, dtype=jnp.int32))
+
+    def keys_of(rows, steps):
+        return jax.vmap(jax.random.fold_in)(row_keys[jnp.clip(rows, 0, b - 1)], steps)
 
     def is_stop(tok):
         return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
@@ -195,7 +197,7 @@ def engine_decode(
         hidden, cache = _forward(model, ids, pos, cache, write, attend)
         last = jnp.clip(plen - 1 - off, 0, c - 1)
         logits = _unembed(model, w, hidden[0, last][None])
-        tok, logp = sample(logits, token_keys(key, row[None], jnp.zeros((1,), jnp.int32)))
+        tok, logp = sample(logits, keys_of(row[None], jnp.zeros((1,), jnp.int32)))
         finished = off + c >= plen
         out, done = emit(out, row[None], jnp.zeros((1,), jnp.int32), tok, logp, finished[None])
         done = done[0]
@@ -229,7 +231,7 @@ def engine_decode(
             hidden, cache = _forward(model, slots["prev"][safe][:, None], pos[:, None], cache,
                                      write, attend)
             logits = _unembed(model, w, hidden[:, 0])
-            tok, logp = sample(logits, token_keys(key, jnp.maximum(rows, 0), steps))
+            tok, logp = sample(logits, keys_of(rows, steps))
             out, done = emit(out, rows, steps, tok, logp, live)
             at = jnp.where(live, idx, k)
             upd = dict(row=jnp.where(done, -1, rows), phase=jnp.where(done, 0, 2),
