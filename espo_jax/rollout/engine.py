@@ -225,7 +225,8 @@ def engine_decode(
                         "v": cc["v"].at[at, pos].set(vv[:, 0].astype(cdt), mode="drop")}
 
             def attend(q, cc):
-                return ragged_attention(q, cc["k"], cc["v"], safe, pos[:, None],
+                return ragged_attention(q, cc["k"], cc["v"], None if size == k else safe,
+                                        pos[:, None],
                                         jnp.where(live, pos + 1, 0), block=blk)
 
             hidden, cache = _forward(model, slots["prev"][safe][:, None], pos[:, None], cache,

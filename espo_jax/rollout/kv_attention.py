@@ -26,7 +26,7 @@ def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
 
     q [M, T, H, hd]; k_cache, v_cache [K, S, KVH, hd] (already holding the queries' own
     keys); slots i32[M] (the slot of each query row; an out-of-range slot gives a
-    garbage row the caller drops); q_pos i32[M, T] (each query's position); kv_len
+    garbage row the caller drops), or None when row m is slot m (M = K: no gather); q_pos i32[M, T] (each query's position); kv_len
     i32[M] (keys at positions >= kv_len are never read). A query at position p sees
     keys at positions <= min(p, kv_len - 1). Returns [M, T, H, hd] in q.dtype.
     """
@@ -42,10 +42,12 @@ def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
     def body(b, carry):
         mx, den, acc = carry
         start = b * block
-        kb = jnp.take(jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=1), slots,
-                      axis=0, mode="clip").astype(q.dtype)                   # [M,blk,KVH,hd]
-        vb = jnp.take(jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=1), slots,
-                      axis=0, mode="clip").astype(q.dtype)
+        kb = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=1)
+        if slots is not None:
+            kb = jnp.take(kb, slots, axis=0, mode="clip")                    # [M,blk,KVH,hd]
+            vb = jnp.take(vb, slots, axis=0, mode="clip")
+        kb, vb = kb.astype(q.dtype), vb.astype(q.dtype)
         sc = jnp.einsum("mtkgd,mskd->mkgts", qg, kb, preferred_element_type=jnp.float32)
         sc = sc * scale
         kpos = start + jnp.arange(block)

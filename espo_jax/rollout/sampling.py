@@ -109,18 +109,46 @@ def token_keys(key: jax.Array, rows: jax.Array, steps: jax.Array) -> jax.Array:
     return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(rows, steps)
 
 
+def _inverse_cdf(probs: jax.Array, u: jax.Array, block: int = 256) -> jax.Array:
+    """Index of the first cumulative probability > u * total, per row: probs f32[B, V]
+    (>= 0), u f32[B] in [0, 1) -> i32[B]. Two levels (sums of blocks of ``block``
+    tokens, then the chosen block's own cumsum) keep the float error of the running sums
+    small; zero-probability tokens are never returned."""
+    b, v = probs.shape
+    nb = -(-v // block)
+    pb = jnp.pad(probs, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+    sums = pb.sum(-1)                                                     # [B, nb]
+    csum = jnp.cumsum(sums, -1)
+    target = u * csum[:, -1]
+    last_block = nb - 1 - jnp.argmax((sums > 0)[:, ::-1], axis=-1)
+    blk = jnp.minimum(jnp.sum(csum <= target[:, None], -1), last_block)
+    below = jnp.take_along_axis(csum - sums, blk[:, None], -1)[:, 0]
+    inner = jnp.take_along_axis(pb, blk[:, None, None], 1)[:, 0]          # [B, block]
+    rest = jnp.maximum(target - below, 0.0)
+    last_tok = block - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
+    tok = jnp.minimum(jnp.sum(jnp.cumsum(inner, -1) <= rest[:, None], -1), last_tok)
+    return (blk * block + tok).astype(jnp.int32)
+
+
 def sample_rows(
     logits: jax.Array, keys: jax.Array, temperature: jax.Array | float,
     top_p: jax.Array | float = 1.0, *, top_k: int = 0, greedy: bool = False,
     use_top_p: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``sample_step`` with one key per row (``token_keys``): logits f32[B, V], keys [B]
-    -> (tokens i32[B], logprobs f32[B]). Row i's token depends only on its logits and key."""
+    -> (tokens i32[B], logprobs f32[B]). Row i's token depends only on its logits and key.
+
+    Draws by inverse CDF from ONE uniform per row (``jax.random.uniform(key)``) instead of
+    Gumbel-max over V random numbers: the same distribution (up to float rounding of the
+    running sums), without generating B x V random bits per token (the largest cost of a
+    sampled decode step at 150k vocabularies on CPU).
+    """
     logits = logits.astype(jnp.float32)
     if greedy:
         return sample_step(logits, None, temperature, top_p, top_k=top_k, greedy=True)
     filtered = process_logits(logits, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
-    tokens = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
     logp_all = jax.nn.log_softmax(filtered, axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys)
+    tokens = _inverse_cdf(jnp.exp(logp_all), u)
     logprobs = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
