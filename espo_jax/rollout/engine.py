@@ -129,7 +129,8 @@ def engine_decode(
     options.prefill_chunk); prompt_len i32[B] (>= 1); budgets i32[B] in [1, N] (max new
     tokens per row); key a PRNG key; temperature, top_p f32 scalars; eos_ids i32[E].
     Rows are started in index order. Returns (tokens i32[B, N] (pad_id after the end),
-    lengths i32[B], logprobs f32[B, N] (0 after the end)).
+    lengths i32[B], logprobs f32[B, N] (0 after the end), stats i32[1 + len(decode_sizes)]:
+    the number of prefill steps, then of decode steps at each size).
     """
     model = nnx.merge(graphdef, state)
     cfg = model.config
@@ -162,7 +163,8 @@ def engine_decode(
                  len=jnp.zeros((k,), jnp.int32), step=jnp.zeros((k,), jnp.int32),
                  prev=jnp.zeros((k,), jnp.int32))
     out = dict(tokens=jnp.full((b, n), o.pad_id, jnp.int32),
-               logps=jnp.zeros((b, n), jnp.float32), lengths=jnp.zeros((b,), jnp.int32))
+               logps=jnp.zeros((b, n), jnp.float32), lengths=jnp.zeros((b,), jnp.int32),
+               stats=jnp.zeros((1 + len(o.decode_sizes),), jnp.int32))
 
     def emit(out, rows, steps, tok, logp, live):
         """Write token `steps` of `rows` (dropped where not live) and finish rows."""
@@ -206,9 +208,10 @@ def engine_decode(
                    len=jnp.where(finished, plen, off + c), step=jnp.where(finished, 1, 0),
                    prev=tok[0])
         slots = {name: v.at[sl].set(upd[name]) for name, v in slots.items()}
+        out["stats"] = out["stats"].at[0].add(1)
         return slots, out, nxt + fresh.astype(jnp.int32), cache
 
-    def decode_with(size):
+    def decode_with(i, size):
         def step(carry):
             slots, out, nxt, cache = carry
             busy = slots["phase"] == 2
@@ -238,11 +241,12 @@ def engine_decode(
             upd = dict(row=jnp.where(done, -1, rows), phase=jnp.where(done, 0, 2),
                        len=pos + 1, step=steps + 1, prev=tok)
             slots = {name: v.at[at].set(upd[name], mode="drop") for name, v in slots.items()}
+            out["stats"] = out["stats"].at[1 + i].add(1)
             return slots, out, nxt, cache
         return step
 
     sizes = tuple(o.decode_sizes)
-    steps_by_size = [decode_with(z) for z in sizes]
+    steps_by_size = [decode_with(i, z) for i, z in enumerate(sizes)]
 
     def decode(carry):
         if len(sizes) == 1:
@@ -263,7 +267,7 @@ def engine_decode(
 
     carry = (slots, out, jnp.asarray(0, jnp.int32), cache)
     _, out, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out["tokens"], out["lengths"], out["logps"]
+    return out["tokens"], out["lengths"], out["logps"], out["stats"]
 
 
 STATIC_ARGNUMS = (0, 1)

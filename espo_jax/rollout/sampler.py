@@ -349,7 +349,7 @@ def generate(
             greedy=bool(greedy), use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
             cache_dtype=cache_dtype)
         right, plens = engine.right_align(ids, mask, chunk, pad_id)
-        tokens, lengths, logprobs = (engine_fn or engine.engine_jit)(
+        tokens, lengths, logprobs, _ = (engine_fn or engine.engine_jit)(
             graphdef, options, state, jnp.asarray(right), jnp.asarray(plens),
             jnp.asarray(budgets), *traced)
         out_mask = (jnp.arange(n_max)[None, :] < lengths[:, None]).astype(jnp.float32)
