@@ -225,7 +225,7 @@ def sharded_decode_fn(mesh: Mesh):
 
     rows = batch_sharding(mesh)
     sharded = jax.jit(decode, static_argnums=STATIC_ARGNUMS,
-                      in_shardings=(None, rows, rows, None, None, None, None),
+                      in_shardings=(None, rows, rows, None, None, None, None, rows),
                       out_shardings=(rows, rows, rows))
     div = batch_divisor(mesh)
 
