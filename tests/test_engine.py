@@ -37,7 +37,7 @@ def models(tmp_path_factory):
     hf = transformers.Qwen3ForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("qwen3_tiny_engine")
     hf.save_pretrained(path)
-    return hf, from_pretrained(path, dtype=jnp.float32)
+    return hf, from_pretrained(path, dtype=jnp.float32), path
 
 
 def hf_greedy_one(hf, prompt, max_new_tokens, eos_id):
@@ -49,7 +49,7 @@ def hf_greedy_one(hf, prompt, max_new_tokens, eos_id):
 
 
 def test_greedy_continuous_batching_equals_hf_per_prompt(models):
-    hf, model = models
+    hf, model, _ = models
     free = [hf_greedy_one(hf, p, N, None) for p in PROMPTS]
     eos = free[0][3]  # a stop token that occurs mid-sequence in some rows
     budgets = [N, 5, N, 9]
@@ -74,7 +74,7 @@ def test_greedy_continuous_batching_equals_hf_per_prompt(models):
 @pytest.fixture(scope="module")
 def sampled(models):
     """The same sampled rollout from the static batch and K = 1, 3, 16 (> B = 12)."""
-    _, model = models
+    _, model, _ = models
     kw = dict(max_new_tokens=N, temperature=0.7, key=jax.random.key(3), eos_id=[1, 2, 3],
               num_samples=3)
     return {k: generate(model, PROMPTS, max_concurrent=k, **SMALL, **kw)
@@ -96,7 +96,7 @@ def test_sampled_responses_identical_for_every_k(sampled):
 
 
 def test_engine_logprobs_equal_teacher_forced(models, sampled):
-    _, model = models
+    _, model, _ = models
     ro = sampled[3]
     ids = jnp.concatenate([ro.prompt_tokens, ro.tokens], axis=1)
     mask = jnp.concatenate([ro.prompt_mask, ro.mask.astype(jnp.int32)], axis=1)
@@ -111,7 +111,7 @@ def test_engine_logprobs_equal_teacher_forced(models, sampled):
 
 
 def test_one_prompt_and_first_token_stop(models):
-    hf, model = models
+    hf, model, _ = models
     p = PROMPTS[3]  # 17 tokens: three prefill chunks of 8
     ref = hf_greedy_one(hf, p, N, None)
     unused = next(t for t in range(1, VOCAB) if t not in ref)  # same stop-list shape: 1 compile
@@ -126,7 +126,7 @@ def test_one_prompt_and_first_token_stop(models):
 
 
 def test_engine_bad_input(models):
-    _, model = models
+    _, model, _ = models
     kw = dict(temperature=1.0, key=jax.random.key(0), eos_id=None)
     with pytest.raises(ValueError, match="max_concurrent"):
         generate(model, [[1]], max_new_tokens=4, max_concurrent=0, **kw)
@@ -157,7 +157,7 @@ def test_sample_rows_inverse_cdf_distribution():
     probs = rng.dirichlet(np.full(600, 0.3))
     probs[probs < 1e-3] = 0.0
     probs /= probs.sum()
-    n = 20000
+    n = 10000
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(n))
     logits = jnp.log(jnp.asarray(np.tile(probs, (n, 1)), jnp.float32))
     tok, logp = jax.jit(lambda x, k: sample_rows(x, k, 1.0))(logits, keys)
@@ -167,3 +167,30 @@ def test_sample_rows_inverse_cdf_distribution():
     # 5 binomial standard deviations per token
     assert (np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / n) + 1e-12).all()
     np.testing.assert_allclose(np.asarray(logp), np.log(probs[tok]), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_decode_weights_same_tokens(models, sampled):
+    """An FSDP x TP model on 8 CPU devices: decode_model gathers the FSDP splits once
+    (TP splits stay) and the engine samples the same tokens as on one device."""
+    from jax.sharding import PartitionSpec as P
+
+    from espo_jax.rollout.engine import decode_model
+    from espo_jax.train.mesh import make_mesh
+
+    _, _, path = models
+    mesh = make_mesh(dict(data=1, fsdp=4, tensor=2))
+    sharded = from_pretrained(path, dtype=jnp.float32, mesh=mesh)
+    q = sharded.layers[0].self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == P("fsdp", "tensor")
+    dec = decode_model(sharded)
+    for leaf in jax.tree.leaves(nnx.state(dec)):
+        assert "fsdp" not in str(leaf.sharding.spec)
+    assert dec.layers[0].self_attn.q_proj.kernel[...].sharding.spec == P(None, "tensor")
+    ro = generate(dec, PROMPTS, max_new_tokens=N, temperature=0.7, key=jax.random.key(3),
+                  eos_id=[1, 2, 3], num_samples=3, max_concurrent=3, **SMALL)
+    np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(sampled[3].tokens))
+    np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(sampled[3].logprobs),
+                               rtol=1e-5, atol=1e-5)
+    # compute dtype copy: a bf16-compute model with f32 masters gets bf16 decode weights
+    bf = decode_model(from_pretrained(path, dtype=jnp.bfloat16))
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(nnx.state(bf, nnx.Param)))

@@ -283,3 +283,52 @@ def right_align(ids: np.ndarray, mask: np.ndarray, chunk: int, pad_id: int):
     for i, (row, n) in enumerate(zip(ids, lens)):
         out[i, :n] = row[ids.shape[1] - n:]
     return out, lens
+
+
+def engine_kwargs(rollout_config) -> dict:
+    """generate() keywords from a ``rollout`` config block: max_concurrent (0 -> None,
+    the static batch), prefill_chunk, kv_block (their defaults where the block lacks them)."""
+    get = rollout_config.get
+    k = int(get("max_concurrent", 0) or 0)
+    return dict(max_concurrent=k if k > 0 else None,
+                prefill_chunk=int(get("prefill_chunk", 512)), kv_block=int(get("kv_block", 256)))
+
+
+def decode_model(model: nnx.Module, mesh=None) -> nnx.Module:
+    """The decode copy of a model, made once per rollout: float params cast to the compute
+    dtype (``model.dtype``), and params placed on a mesh (``NamedSharding``; ``mesh``
+    overrides theirs) resharded so that only tensor-parallel ("tensor") splits remain:
+    the FSDP / data splits of the training state are gathered ONCE here, not per decoded
+    token. Free it (drop the reference) after the rollout. Returns ``model`` itself when
+    nothing changes (compute-dtype params, no FSDP / data splits).
+    """
+    graphdef, state = nnx.split(model)
+    dt = jnp.dtype(model.dtype)
+
+    def tp_only(x):
+        sh = getattr(x, "sharding", None)
+        if not isinstance(sh, jax.sharding.NamedSharding):
+            return None
+        keep = []
+        for axes in sh.spec:
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            names = tuple(a for a in names if a == "tensor")
+            keep.append(names[0] if names else None)
+        return jax.sharding.NamedSharding(mesh if mesh is not None else sh.mesh,
+                                          jax.sharding.PartitionSpec(*keep))
+
+    changed = False
+
+    def convert(x):
+        nonlocal changed
+        if not isinstance(x, jax.Array):
+            return x
+        y = x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
+        target = tp_only(x)
+        if target is not None and not x.sharding.is_equivalent_to(target, x.ndim):
+            y = jax.device_put(y, target)
+        changed |= y is not x
+        return y
+
+    new = jax.tree.map(convert, state)
+    return nnx.merge(graphdef, new) if changed else model

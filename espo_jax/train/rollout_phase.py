@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from espo_jax.rollout import generate
+from espo_jax.rollout.engine import decode_model, engine_kwargs
 from espo_jax.train.distributed import to_host
 from espo_jax.train.tasks import decode_responses, encode_prompts
 
@@ -72,7 +73,8 @@ def sample_groups(ctx, policy, indices: list[int], key) -> dict:
                   max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
                   key=key, top_p=float(r.top_p), top_k=int(r.top_k),
                   eos_id=ctx.stop_ids, num_samples=int(r.group_size),
-                  pad_id=ctx.tok.pad_token_id, decode_fn=ctx.decode_fn)
+                  pad_id=ctx.tok.pad_token_id, decode_fn=ctx.decode_fn,
+                  **engine_kwargs(r))
     # Rows may be split over the mesh (and hosts): gather them on every host.
     prompt_tokens, prompt_mask, tokens, mask, sampler_logp = to_host(
         (ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs))
@@ -101,6 +103,9 @@ def collect(ctx, state, step: int) -> tuple[dict, dict]:
     p, g = int(cfg.rollout.prompts_per_step), int(cfg.rollout.group_size)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
     policy = state.compute_model()  # one compute-dtype copy per rollout
+    if engine_kwargs(cfg.rollout)["max_concurrent"] is not None:
+        # the engine decodes with TP-only (else replicated) weights, gathered once here
+        policy = decode_model(policy)
     first = sample_groups(ctx, policy, ctx.order.step(step, p), key)
     info = {}
     if not cfg.dapo.dynamic_sampling:
