@@ -160,7 +160,7 @@ def test_sample_rows_inverse_cdf_distribution():
     n = 10000
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(n))
     logits = jnp.log(jnp.asarray(np.tile(probs, (n, 1)), jnp.float32))
-    tok, logp = jax.jit(lambda x, k: sample_rows(x, k, 1.0))(logits, keys)
+    tok, logp = jax.jit(lambda x, k: sample_rows(x, k, 1.0, method="inverse_cdf"))(logits, keys)
     tok = np.asarray(tok)
     freq = np.bincount(tok, minlength=600) / n
     assert freq[probs == 0].sum() == 0

@@ -18,7 +18,7 @@ the kv blocks below the longest live length of the rows in the call; prefill att
 only over the prompt's own positions.
 
 Drain: once fewer than K slots are busy, the decode step gathers the busy slots into the
-smallest of ``decode_sizes`` that holds them (a ``lax.switch`` over static sizes), so the
+smallest of ``decode_sizes`` that holds them (one inner loop per static size), so the
 long tail of a ragged rollout runs on a small batch instead of K mostly-empty rows.
 
 Randomness: token t of row i is drawn with ``fold_in(fold_in(key, i), t)``
@@ -53,7 +53,8 @@ class EngineOptions:
     array's width is a multiple of C); kv_block positions per attention block (the cache
     length is a multiple of it); decode_sizes: descending batch sizes of the decode step,
     the first = K; sampling flags and pad_id as in ``sampler.DecodeOptions``;
-    cache_dtype (None = the model's compute dtype).
+    cache_dtype (None = the model's compute dtype); sampling: ``sampling.sample_rows``'s
+    method.
     """
     max_new_tokens: int
     max_concurrent: int
@@ -65,6 +66,7 @@ class EngineOptions:
     use_top_p: bool = False
     pad_id: int = 0
     cache_dtype: Any = None
+    sampling: str = "gumbel"
 
 
 def default_decode_sizes(k: int) -> tuple:
@@ -146,7 +148,8 @@ def engine_decode(
              for _ in range(cfg.num_layers)]
     w = model.unembedding().astype(model.dtype)  # once per rollout, not per token
     sample = functools.partial(sample_rows, temperature=temperature, top_p=top_p,
-                               top_k=o.top_k, greedy=o.greedy, use_top_p=o.use_top_p)
+                               top_k=o.top_k, greedy=o.greedy, use_top_p=o.use_top_p,
+                               method=o.sampling)
     prompts = prompts.astype(jnp.int32)
     # fold_in(key, row) once per row; token t then folds in t (= sampling.token_keys).
     row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b, dtype=jnp.int32))
@@ -248,22 +251,27 @@ def engine_decode(
     sizes = tuple(o.decode_sizes)
     steps_by_size = [decode_with(i, z) for i, z in enumerate(sizes)]
 
-    def decode(carry):
-        if len(sizes) == 1:
-            return steps_by_size[0](carry)
-        n_busy = jnp.sum(carry[0]["phase"] == 2)
-        # the smallest size that holds every busy slot (sizes descend)
-        which = jnp.sum(jnp.asarray(sizes[1:], jnp.int32) >= n_busy).astype(jnp.int32)
-        return jax.lax.switch(which, steps_by_size, carry)
+    def need_prefill(carry):
+        slots, _, nxt, _ = carry
+        return jnp.any(slots["phase"] == 1) | (jnp.any(slots["phase"] == 0) & (nxt < b))
 
     def cond(carry):
         slots, _, nxt, _ = carry
         return (nxt < b) | jnp.any(slots["phase"] > 0)
 
+    # Nested while loops, not lax.cond / switch: a conditional over the carry makes XLA
+    # (CPU at least) copy the whole KV cache every iteration; loops update it in place.
     def body(carry):
-        slots, _, nxt, _ = carry
-        need = jnp.any(slots["phase"] == 1) | (jnp.any(slots["phase"] == 0) & (nxt < b))
-        return jax.lax.cond(need, prefill, decode, carry)
+        carry = jax.lax.while_loop(need_prefill, prefill, carry)
+        for i, step in enumerate(steps_by_size):
+            lo = sizes[i + 1] if i + 1 < len(sizes) else 0
+
+            def run(c, lo=lo, hi=sizes[i]):
+                n_busy = jnp.sum(c[0]["phase"] == 2)
+                return ~need_prefill(c) & (n_busy > lo) & (n_busy <= hi)
+
+            carry = jax.lax.while_loop(run, step, carry)
+        return carry
 
     carry = (slots, out, jnp.asarray(0, jnp.int32), cache)
     _, out, _, _ = jax.lax.while_loop(cond, body, carry)

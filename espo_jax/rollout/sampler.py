@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from espo_jax.rollout import engine
-from espo_jax.rollout.sampling import sample_rows, token_keys
+from espo_jax.rollout.sampling import SAMPLING_METHODS, sample_rows, token_keys
 
 
 class Rollout(NamedTuple):
@@ -86,6 +86,7 @@ class DecodeOptions:
     use_top_p: bool = False
     pad_id: int = 0
     cache_dtype: Any = None
+    sampling: str = "gumbel"
 
 
 def decode(
@@ -111,7 +112,7 @@ def decode(
     rows = jnp.arange(batch, dtype=jnp.int32)
     sample_ = functools.partial(sample_rows, temperature=temperature, top_p=top_p,
                                 top_k=options.top_k, greedy=options.greedy,
-                                use_top_p=options.use_top_p)
+                                use_top_p=options.use_top_p, method=options.sampling)
 
     def sample(logits, step):
         return sample_(logits, token_keys(key, rows, jnp.full((batch,), step, jnp.int32)))
@@ -251,7 +252,7 @@ def generate(
     num_samples: int = 1, pad_id: int = 0, max_len: int | None = None,
     cache_dtype: Any = None, decode_fn: Callable | None = None,
     max_concurrent: int | None = None, prefill_chunk: int = 512, kv_block: int = 256,
-    engine_fn: Callable | None = None,
+    engine_fn: Callable | None = None, sampling: str = "gumbel",
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt with a KV cache, in one jitted call.
 
@@ -277,6 +278,8 @@ def generate(
       ``jax.jit(decode, static_argnums=STATIC_ARGNUMS, in_shardings=..., out_shardings=...)``;
       defaults to ``decode_jit`` (static batch only).
     engine_fn: the same for ``engine.engine_decode`` (default ``engine.engine_jit``).
+    sampling: "gumbel" (reproducible across batch layouts) or "inverse_cdf" (cheaper on
+      CPU; see ``sampling.sample_rows``).
     Returns a ``Rollout`` (rows in input order); arrays stay on device (no host sync).
     """
     if temperature < 0:
@@ -287,6 +290,8 @@ def generate(
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if sampling not in SAMPLING_METHODS:
+        raise ValueError(f"sampling must be one of {SAMPLING_METHODS}, got {sampling!r}")
     if max_concurrent is not None and (isinstance(max_concurrent, bool)
                                        or not isinstance(max_concurrent, (int, np.integer))
                                        or max_concurrent < 1):
@@ -334,7 +339,7 @@ def generate(
     if max_concurrent is None:
         options = DecodeOptions(max_new_tokens=n_max, top_k=int(top_k),
                                 greedy=bool(greedy), use_top_p=bool(top_p < 1.0),
-                                pad_id=int(pad_id), cache_dtype=cache_dtype)
+                                pad_id=int(pad_id), cache_dtype=cache_dtype, sampling=sampling)
         tokens, out_mask, logprobs = (decode_fn or decode_jit)(
             graphdef, options, state, jnp.asarray(ids), jnp.asarray(mask), *traced,
             jnp.asarray(budgets))
@@ -347,7 +352,7 @@ def generate(
             max_new_tokens=n_max, max_concurrent=k, prefill_chunk=chunk, kv_block=block,
             decode_sizes=engine.default_decode_sizes(k), top_k=int(top_k),
             greedy=bool(greedy), use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
-            cache_dtype=cache_dtype)
+            cache_dtype=cache_dtype, sampling=sampling)
         right, plens = engine.right_align(ids, mask, chunk, pad_id)
         tokens, lengths, logprobs, _ = (engine_fn or engine.engine_jit)(
             graphdef, options, state, jnp.asarray(right), jnp.asarray(plens),

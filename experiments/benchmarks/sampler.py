@@ -71,7 +71,8 @@ def ragged(model, args):
                for n in rng.integers(8, 65, size=args.ragged_prompts)]
     stops = rng.choice(np.arange(1, v), size=v // 40, replace=False).tolist()
     k, cap = args.ragged_k, args.ragged_cap
-    kw = dict(max_new_tokens=cap, temperature=1.0, key=jax.random.key(0), eos_id=stops)
+    kw = dict(max_new_tokens=cap, temperature=1.0, key=jax.random.key(0), eos_id=stops,
+              sampling=args.sampling)
 
     def engine():
         return [jax.block_until_ready(generate(model, prompts, max_concurrent=k, **kw))]
@@ -87,7 +88,7 @@ def ragged(model, args):
         secs = timed(run, args.reps)
         rows[name] = (secs, int(lengths.sum()), lengths)
     print(f"\nragged workload: {len(prompts)} prompts (8..64 tokens), T=1, {len(stops)} stop "
-          f"ids, cap {cap}; Qwen3 {MODEL['hidden_size']}d x {MODEL['num_hidden_layers']} "
+          f"ids, cap {cap}, {args.sampling} sampling; Qwen3 {MODEL['hidden_size']}d x {MODEL['num_hidden_layers']} "
           f"layers, vocab {v}; jax {jax.__version__} ({jax.devices()[0].platform}); "
           f"median of {args.reps}")
     print(f"{'sampler':<24} {'seconds':>9} {'useful tok':>11} {'tok/s':>9} "
@@ -111,6 +112,7 @@ def main():
     ap.add_argument("--ragged-prompts", type=int, default=64)
     ap.add_argument("--ragged-k", type=int, default=16)
     ap.add_argument("--ragged-cap", type=int, default=256)
+    ap.add_argument("--sampling", default="gumbel", choices=("gumbel", "inverse_cdf"))
     args = ap.parse_args()
     if args.ragged:
         if args.quick:
