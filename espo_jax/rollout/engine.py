@@ -70,9 +70,17 @@ class EngineOptions:
 
 
 def default_decode_sizes(k: int) -> tuple:
-    """(K, ceil(K/4)) for K >= 8, else (K,): one drain size where it pays (each size is
-    one more compiled decode step)."""
-    return (k, -(-k // 4)) if k >= 8 else (k,)
+    """(K, ceil(K/4), 1) for K >= 8, else (K,): drain sizes where they pay (each size is
+    one more compiled decode step; the last long response of a ragged rollout runs alone)."""
+    return tuple(dict.fromkeys((k, -(-k // 4), 1))) if k >= 8 else (k,)
+
+
+def kv_cache_bytes(config, max_concurrent: int, max_len: int, dtype="bfloat16") -> int:
+    """Bytes of the engine's KV cache: K slots x max_len positions (prompt + response,
+    rounded up to the kv block by the engine) x layers x 2 (k, v) x kv heads x head_dim.
+    Divide by the devices that split the slots or the kv heads for a per-device figure."""
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
+    return int(max_concurrent) * int(max_len) * per_token * jnp.dtype(dtype).itemsize
 
 
 # ----------------------------------------------------------------------------- forward
