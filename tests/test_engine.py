@@ -148,10 +148,11 @@ def test_drain_sizes():
     assert engine.default_decode_sizes(1) == (1,)
 
 
-def test_sample_rows_inverse_cdf_distribution():
-    """One uniform per row, inverse CDF over two levels of running sums: frequencies match
-    the probabilities (across a block boundary, V = 600 > 256), zero-probability tokens
-    are never drawn, and the log-prob is that of the drawn token."""
+@pytest.mark.parametrize("method", ["gumbel", "inverse_cdf"])
+def test_sample_rows_distribution(method):
+    """Two-level Gumbel-max and inverse CDF: frequencies match the probabilities (across
+    block boundaries, V = 600 > 256), zero-probability tokens are never drawn, and the
+    log-prob is that of the drawn token."""
     from espo_jax.rollout.sampling import sample_rows
 
     rng = np.random.default_rng(0)
@@ -161,7 +162,7 @@ def test_sample_rows_inverse_cdf_distribution():
     n = 10000
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(n))
     logits = jnp.log(jnp.asarray(np.tile(probs, (n, 1)), jnp.float32))
-    tok, logp = jax.jit(lambda x, k: sample_rows(x, k, 1.0, method="inverse_cdf"))(logits, keys)
+    tok, logp = jax.jit(lambda x, k: sample_rows(x, k, 1.0, method=method))(logits, keys)
     tok = np.asarray(tok)
     freq = np.bincount(tok, minlength=600) / n
     assert freq[probs == 0].sum() == 0
