@@ -3,9 +3,9 @@
 One jitted program (``engine_decode``) runs the whole rollout of B prompts:
 
     while a prompt is pending or a slot is busy:
-        if a slot is free (or mid-prefill) and a prompt is pending:
-            prefill the next chunk of C prompt tokens of ONE slot into its cache row;
-            after its last chunk, sample the response's first token
+        if a slot is mid-prefill, or prefill_rows slots are free and prompts pending:
+            prefill the next chunk of C prompt tokens of up to prefill_rows slots into
+            their cache rows; after a prompt's last chunk, sample its first token
         else:
             one decode step for the busy slots (K rows, or fewer: see ``decode_sizes``)
         a slot whose row hit a stop token or its budget is freed (its row is done)
@@ -54,7 +54,8 @@ class EngineOptions:
     length is a multiple of it); decode_sizes: descending batch sizes of the decode step,
     the first = K; sampling flags and pad_id as in ``sampler.DecodeOptions``;
     cache_dtype (None = the model's compute dtype); sampling: ``sampling.sample_rows``'s
-    method.
+    method; prefill_rows: slots prefilled together (free slots wait until that many are
+    free or nothing else decodes).
     """
     max_new_tokens: int
     max_concurrent: int
@@ -67,6 +68,7 @@ class EngineOptions:
     pad_id: int = 0
     cache_dtype: Any = None
     sampling: str = "gumbel"
+    prefill_rows: int = 1
 
 
 def default_decode_sizes(k: int) -> tuple:
@@ -187,40 +189,46 @@ def engine_decode(
         out["lengths"] = out["lengths"].at[jnp.where(done, rows, b)].set(steps + 1, mode="drop")
         return out, done
 
+    mp = max(1, min(o.prefill_rows, k))
+
     def prefill(carry):
+        """One chunk of C prompt tokens for up to mp slots: mid-prefill slots first, then
+        free slots, which take the next pending rows in order."""
         slots, out, nxt, cache = carry
-        busy = slots["phase"] == 1
-        sl = jnp.where(jnp.any(busy), jnp.argmax(busy), jnp.argmax(slots["phase"] == 0))
-        fresh = slots["phase"][sl] == 0
-        row = jnp.where(fresh, nxt, slots["row"][sl])
-        off = jnp.where(fresh, 0, slots["len"][sl])
+        ph = slots["phase"]
+        prio = jnp.where(ph == 1, 0, jnp.where(ph == 0, 1, 2))
+        sel = jnp.argsort(prio * k + jnp.arange(k, dtype=jnp.int32))[:mp].astype(jnp.int32)
+        fresh = prio[sel] == 1
+        new_row = nxt + jnp.cumsum(fresh.astype(jnp.int32)) - 1
+        valid = (prio[sel] == 0) | (fresh & (new_row < b))
+        row = jnp.clip(jnp.where(fresh, new_row, slots["row"][sel]), 0, b - 1)
+        off = jnp.where(fresh, 0, slots["len"][sel])
         plen = prompt_len[row]
-        ids = jax.lax.dynamic_slice(prompts[row], (off,), (c,))[None]       # [1, C]
-        pos = (off + jnp.arange(c, dtype=jnp.int32))[None]
+        ids = jax.vmap(lambda r, s0: jax.lax.dynamic_slice(prompts[r], (s0,), (c,)))(row, off)
+        pos = off[:, None] + jnp.arange(c, dtype=jnp.int32)[None]          # [mp, C]
+        at = jnp.where(valid, sel, k)  # rows with nothing to prefill write nowhere
 
         def write(cc, kk, vv):
-            at = (sl, off, 0, 0)
-            return {"k": jax.lax.dynamic_update_slice(cc["k"], kk.astype(cdt), at),
-                    "v": jax.lax.dynamic_update_slice(cc["v"], vv.astype(cdt), at)}
+            return {"k": cc["k"].at[at[:, None], pos].set(kk.astype(cdt), mode="drop"),
+                    "v": cc["v"].at[at[:, None], pos].set(vv.astype(cdt), mode="drop")}
 
         def attend(q, cc):
-            return ragged_attention(q, cc["k"], cc["v"], sl[None], pos, (off + c)[None],
-                                    block=blk)
+            return ragged_attention(q, cc["k"], cc["v"], sel, pos,
+                                    jnp.where(valid, off + c, 0), block=blk)
 
         hidden, cache = _forward(model, ids, pos, cache, write, attend)
         last = jnp.clip(plen - 1 - off, 0, c - 1)
-        logits = _unembed(model, w, hidden[0, last][None])
-        tok, logp = sample(logits, keys_of(row[None], jnp.zeros((1,), jnp.int32)))
-        finished = off + c >= plen
-        out, done = emit(out, row[None], jnp.zeros((1,), jnp.int32), tok, logp, finished[None])
-        done = done[0]
-        phase = jnp.where(done, 0, jnp.where(finished, 2, 1))
-        upd = dict(row=jnp.where(done, -1, row), phase=phase,
+        logits = _unembed(model, w, hidden[jnp.arange(mp), last])
+        zero = jnp.zeros((mp,), jnp.int32)
+        tok, logp = sample(logits, keys_of(row, zero))
+        finished = valid & (off + c >= plen)
+        out, done = emit(out, row, zero, tok, logp, finished)
+        upd = dict(row=jnp.where(done, -1, row), phase=jnp.where(done, 0, jnp.where(finished, 2, 1)),
                    len=jnp.where(finished, plen, off + c), step=jnp.where(finished, 1, 0),
-                   prev=tok[0])
-        slots = {name: v.at[sl].set(upd[name]) for name, v in slots.items()}
+                   prev=tok)
+        slots = {name: v.at[at].set(upd[name], mode="drop") for name, v in slots.items()}
         out["stats"] = out["stats"].at[0].add(1)
-        return slots, out, nxt + fresh.astype(jnp.int32), cache
+        return slots, out, nxt + jnp.sum(fresh & valid).astype(jnp.int32), cache
 
     def decode_with(i, size):
         def step(carry):
@@ -260,8 +268,13 @@ def engine_decode(
     steps_by_size = [decode_with(i, z) for i, z in enumerate(sizes)]
 
     def need_prefill(carry):
+        # Refill free slots once min(mp, pending) of them are free (or nothing decodes):
+        # one batched prefill instead of mp single-row ones, for a slot idle a few steps.
         slots, _, nxt, _ = carry
-        return jnp.any(slots["phase"] == 1) | (jnp.any(slots["phase"] == 0) & (nxt < b))
+        ph = slots["phase"]
+        n_free, pending = jnp.sum(ph == 0), b - nxt
+        batch = (n_free >= jnp.minimum(mp, pending)) | ~jnp.any(ph == 2)
+        return jnp.any(ph == 1) | ((n_free > 0) & (pending > 0) & batch)
 
     def cond(carry):
         slots, _, nxt, _ = carry

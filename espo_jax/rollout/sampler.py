@@ -352,7 +352,7 @@ def generate(
             max_new_tokens=n_max, max_concurrent=k, prefill_chunk=chunk, kv_block=block,
             decode_sizes=engine.default_decode_sizes(k), top_k=int(top_k),
             greedy=bool(greedy), use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
-            cache_dtype=cache_dtype, sampling=sampling)
+            cache_dtype=cache_dtype, sampling=sampling, prefill_rows=max(1, k // 4))
         right, plens = engine.right_align(ids, mask, chunk, pad_id)
         tokens, lengths, logprobs, _ = (engine_fn or engine.engine_jit)(
             graphdef, options, state, jnp.asarray(right), jnp.asarray(plens),
