@@ -223,7 +223,8 @@ def engine_decode(
         tok, logp = sample(logits, keys_of(row, zero))
         finished = valid & (off + c >= plen)
         out, done = emit(out, row, zero, tok, logp, finished)
-        upd = dict(row=jnp.where(done, -1, row), phase=jnp.where(done, 0, jnp.where(finished, 2, 1)),
+        phase = jnp.where(done, 0, jnp.where(finished, 2, 1))
+        upd = dict(row=jnp.where(done, -1, row), phase=phase,
                    len=jnp.where(finished, plen, off + c), step=jnp.where(finished, 1, 0),
                    prev=tok)
         slots = {name: v.at[at].set(upd[name], mode="drop") for name, v in slots.items()}

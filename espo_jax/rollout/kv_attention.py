@@ -26,7 +26,8 @@ def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
 
     q [M, T, H, hd]; k_cache, v_cache [K, S, KVH, hd] (already holding the queries' own
     keys); slots i32[M] (the slot of each query row; an out-of-range slot gives a
-    garbage row the caller drops), or None when row m is slot m (M = K: no gather); q_pos i32[M, T] (each query's position); kv_len
+    garbage row the caller drops), or None when row m is slot m (M = K: no gather);
+    q_pos i32[M, T] (each query's position); kv_len
     i32[M] (keys at positions >= kv_len are never read). A query at position p sees
     keys at positions <= min(p, kv_len - 1). Returns [M, T, H, hd] in q.dtype.
     """
@@ -51,7 +52,8 @@ def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
         sc = jnp.einsum("mtkgd,mskd->mkgts", qg, kb, preferred_element_type=jnp.float32)
         sc = sc * scale
         kpos = start + jnp.arange(block)
-        ok = (kpos[None, None, :] <= q_pos[:, :, None]) & (kpos[None, None, :] < kv_len[:, None, None])
+        ok = ((kpos[None, None, :] <= q_pos[:, :, None])
+              & (kpos[None, None, :] < kv_len[:, None, None]))
         ok = ok[:, None, None]                                               # [M,1,1,T,blk]
         sc = jnp.where(ok, sc, _NEG)
         mx_new = jnp.maximum(mx, sc.max(-1))

@@ -149,7 +149,8 @@ def decode(
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
         logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, step))
         mask = jax.lax.dynamic_update_slice(mask, live.astype(jnp.float32)[:, None], (0, step))
-        return step + 1, tok, done | is_stop(tok) | (step + 1 >= budgets), tokens, logps, mask, cache
+        done = done | is_stop(tok) | (step + 1 >= budgets)
+        return step + 1, tok, done, tokens, logps, mask, cache
 
     carry = (jnp.asarray(1, jnp.int32), tok, done, tokens, logps, mask, cache)
     _, _, _, tokens, logps, mask, _ = jax.lax.while_loop(cond, body, carry)

@@ -105,7 +105,8 @@ def ragged(model, args):
             times[name].append(timed(run, 1))
     rows = {name: (statistics.median(times[name]), *rows[name]) for name in runs}
     print(f"\nragged workload: {len(prompts)} prompts (8..64 tokens), T=1, {len(stops)} stop "
-          f"ids, cap {cap}, {args.sampling} sampling; Qwen3 {MODEL['hidden_size']}d x {MODEL['num_hidden_layers']} "
+          f"ids, cap {cap}, {args.sampling} sampling; Qwen3 {MODEL['hidden_size']}d x "
+          f"{MODEL['num_hidden_layers']} "
           f"layers, vocab {v}; jax {jax.__version__} ({jax.devices()[0].platform}); "
           f"median of {args.reps}")
     print(f"{'sampler':<24} {'seconds':>9} {'useful tok':>11} {'tok/s':>9} "
