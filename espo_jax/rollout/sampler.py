@@ -254,6 +254,7 @@ def generate(
     cache_dtype: Any = None, decode_fn: Callable | None = None,
     max_concurrent: int | None = None, prefill_chunk: int = 512, kv_block: int = 256,
     engine_fn: Callable | None = None, sampling: str = "gumbel",
+    prefill_rows: int | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt with a KV cache, in one jitted call.
 
@@ -275,6 +276,7 @@ def generate(
       with the next prompt, a K x (P + N) cache, ragged attention; the same responses.
     prefill_chunk, kv_block: the engine's prompt tokens per prefill step and kv
       positions per attention block (clipped to the bucket for short inputs).
+    prefill_rows: slots the engine prefills together (None: max(1, K // 4)).
     decode_fn: a jitted variant of ``decode`` with the same signature, e.g.
       ``jax.jit(decode, static_argnums=STATIC_ARGNUMS, in_shardings=..., out_shardings=...)``;
       defaults to ``decode_jit`` (static batch only).
@@ -353,7 +355,8 @@ def generate(
             max_new_tokens=n_max, max_concurrent=k, prefill_chunk=chunk, kv_block=block,
             decode_sizes=engine.default_decode_sizes(k), top_k=int(top_k),
             greedy=bool(greedy), use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
-            cache_dtype=cache_dtype, sampling=sampling, prefill_rows=max(1, k // 4))
+            cache_dtype=cache_dtype, sampling=sampling,
+            prefill_rows=max(1, k // 4) if prefill_rows is None else int(prefill_rows))
         right, plens = engine.right_align(ids, mask, chunk, pad_id)
         tokens, lengths, logprobs, _ = (engine_fn or engine.engine_jit)(
             graphdef, options, state, jnp.asarray(right), jnp.asarray(plens),
