@@ -193,6 +193,16 @@ def test_sharded_decode_weights_same_tokens(models, sampled):
     np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(sampled[3].tokens))
     np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(sampled[3].logprobs),
                                rtol=1e-5, atol=1e-5)
+    # One engine per batch shard (data x fsdp = 4 shards of 3 rows): the same tokens.
+    from espo_jax.rollout.engine import sharded_engine_fn
+
+    ro = generate(dec, PROMPTS, max_new_tokens=N, temperature=0.7, key=jax.random.key(3),
+                  eos_id=[1, 2, 3], num_samples=3, max_concurrent=3, **SMALL,
+                  engine_fn=sharded_engine_fn(make_mesh(dict(data=2, fsdp=2, tensor=2))))
+    assert ro.tokens.sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(sampled[3].tokens))
+    np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(sampled[3].logprobs),
+                               rtol=1e-5, atol=1e-5)
     # compute dtype copy: a bf16-compute model with f32 masters gets bf16 decode weights
     bf = decode_model(from_pretrained(path, dtype=jnp.bfloat16))
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(nnx.state(bf, nnx.Param)))

@@ -133,13 +133,15 @@ def _unembed(model, w, hidden):
 def engine_decode(
     graphdef: nnx.GraphDef, options: EngineOptions, state: nnx.State, prompts: jax.Array,
     prompt_len: jax.Array, budgets: jax.Array, key: jax.Array, temperature: jax.Array,
-    top_p: jax.Array, eos_ids: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    top_p: jax.Array, eos_ids: jax.Array, row_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The whole continuous-batching rollout; pure. Jit with ``static_argnums=(0, 1)``.
 
     prompts i32[B, P] RIGHT-padded (row i's tokens at [0, prompt_len[i]); P a multiple of
     options.prefill_chunk); prompt_len i32[B] (>= 1); budgets i32[B] in [1, N] (max new
-    tokens per row); key a PRNG key; temperature, top_p f32 scalars; eos_ids i32[E].
+    tokens per row); key a PRNG key; temperature, top_p f32 scalars; eos_ids i32[E];
+    row_ids i32[B]: each row's index for its keys (default arange(B); a shard of a
+    bigger rollout passes its global rows).
     Rows are started in index order. Returns (tokens i32[B, N] (pad_id after the end),
     lengths i32[B], logprobs f32[B, N] (0 after the end), stats i32[1 + len(decode_sizes)]:
     the number of prefill steps, then of decode steps at each size).
@@ -162,7 +164,9 @@ def engine_decode(
                                method=o.sampling)
     prompts = prompts.astype(jnp.int32)
     # fold_in(key, row) once per row; token t then folds in t (= sampling.token_keys).
-    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b, dtype=jnp.int32))
+    if row_ids is None:
+        row_ids = jnp.arange(b, dtype=jnp.int32)
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids.astype(jnp.int32))
 
     def keys_of(rows, steps):
         return jax.vmap(jax.random.fold_in)(row_keys[jnp.clip(rows, 0, b - 1)], steps)
@@ -302,6 +306,43 @@ def engine_decode(
 
 STATIC_ARGNUMS = (0, 1)
 engine_jit = jax.jit(engine_decode, static_argnums=STATIC_ARGNUMS)
+
+
+def sharded_engine_fn(mesh, axes=("data", "fsdp")):
+    """An ``engine_fn`` for ``generate`` that runs one engine per batch shard: the rows
+    split over ``axes`` of ``mesh`` (contiguous blocks), each device decodes its rows
+    with its own ceil(K / shards) slots and its own loop (no cross-device sync per
+    token), keys from the global row indices (so the same tokens as on one device).
+    Weights enter replicated (pass ``decode_model``'s copy; a TP split is gathered at
+    entry). Batches that do not divide the shards use ``engine_jit``.
+    """
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    rows = P(axes if len(axes) > 1 else (axes[0] if axes else None))
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def run(graphdef, options, state, prompts, prompt_len, budgets, key, temperature, top_p,
+            eos_ids, row_ids):
+        body = functools.partial(engine_decode, graphdef, options)
+        return jax.shard_map(
+            body, mesh=mesh, check_vma=False,
+            in_specs=(P(), rows, rows, rows, P(), P(), P(), P(), rows),
+            out_specs=(rows, rows, rows, rows))(
+                state, prompts, prompt_len, budgets, key, temperature, top_p, eos_ids, row_ids)
+
+    def fn(graphdef, options, state, prompts, *rest):
+        b = prompts.shape[0]
+        if shards == 1 or b % shards:
+            return engine_jit(graphdef, options, state, prompts, *rest)
+        local = dataclasses.replace(
+            options, max_concurrent=-(-options.max_concurrent // shards),
+            decode_sizes=default_decode_sizes(-(-options.max_concurrent // shards)),
+            prefill_rows=max(1, -(-options.prefill_rows // shards)))
+        return run(graphdef, local, state, prompts, *rest, jnp.arange(b, dtype=jnp.int32))
+
+    return fn
 
 
 def right_align(ids: np.ndarray, mask: np.ndarray, chunk: int, pad_id: int):

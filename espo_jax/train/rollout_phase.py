@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from espo_jax.rollout import generate
-from espo_jax.rollout.engine import decode_model, engine_kwargs
+from espo_jax.rollout.engine import decode_model, engine_kwargs, sharded_engine_fn
 from espo_jax.train.distributed import to_host
 from espo_jax.train.tasks import decode_responses, encode_prompts
 
@@ -74,7 +74,8 @@ def sample_groups(ctx, policy, indices: list[int], key) -> dict:
                   key=key, top_p=float(r.top_p), top_k=int(r.top_k),
                   eos_id=ctx.stop_ids, num_samples=int(r.group_size),
                   pad_id=ctx.tok.pad_token_id, decode_fn=ctx.decode_fn,
-                  **engine_kwargs(r))
+                  engine_fn=(sharded_engine_fn(ctx.mesh) if getattr(ctx, "mesh", None)
+                             is not None else None), **engine_kwargs(r))
     # Rows may be split over the mesh (and hosts): gather them on every host.
     prompt_tokens, prompt_mask, tokens, mask, sampler_logp = to_host(
         (ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs))
