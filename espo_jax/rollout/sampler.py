@@ -12,6 +12,9 @@ finished, and the KV cache is allocated inside it (so it only ever lives in XLA
 buffers that the loop updates in place and frees on return; nothing to donate from
 the caller). Compiles once per (model graph, B, P bucket, N, static sampling flags);
 temperature, top_p, the stop tokens' values and the key are traced.
+
+``generate(..., max_concurrent=K)`` runs the continuous-batching engine instead
+(``espo_jax.rollout.engine``: K slots, a K x (P + N) cache, the same responses).
 """
 from __future__ import annotations
 
