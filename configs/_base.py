@@ -67,7 +67,12 @@ def base_config() -> ml_collections.ConfigDict:
         prompts_per_step=16, group_size=8, max_new_tokens=32, temperature=1.0,
         # top_p < 1 / top_k > 0 make the scored old log-probs off-policy: refused for
         # training unless allow_truncated_sampling.
-        top_p=1.0, top_k=0, allow_truncated_sampling=False))
+        top_p=1.0, top_k=0, allow_truncated_sampling=False,
+        # Continuous batching (also for evaluation): K sequences in flight, a finished
+        # one's slot refilled with the next prompt; 0 = one static batch of all rows.
+        # prefill_chunk / kv_block: powers of two (prompt tokens per prefill step, kv
+        # positions per attention block).
+        max_concurrent=0, prefill_chunk=512, kv_block=256))
     # Truncated IS weights between the sampler's and the scoring pass's log-probs, applied
     # to every objective's per-token loss: mode off | token | sequence.
     c.rollout_correction = ml_collections.ConfigDict(dict(mode="off", threshold=2.0))

@@ -61,6 +61,8 @@ def check_one_line(code, err, *needles):
     (["--config.num_steps=-3"], ["num_steps", ">= 0", "-3"]),
     (["--config.mesh.tensor=64"], ["config.mesh", "64 devices", "available"]),
     (["--config.rollout.group_size=1"], ["rollout.group_size"]),
+    (["--config.rollout.max_concurrent=-1"], ["rollout.max_concurrent", ">= 0", "-1"]),
+    (["--config.rollout.kv_block=100"], ["rollout.kv_block", "power of two", "100"]),
     (["--config.train.num_minibatches=3"], ["num_minibatches=3"]),
     (["--config.model.dtype=float8"], ["model.dtype", "float8"]),
     (["--config.model.attention_impl=flash"], ["model.attention_impl", "'flash'", "blockwise"]),

@@ -12,6 +12,9 @@ finished, and the KV cache is allocated inside it (so it only ever lives in XLA
 buffers that the loop updates in place and frees on return; nothing to donate from
 the caller). Compiles once per (model graph, B, P bucket, N, static sampling flags);
 temperature, top_p, the stop tokens' values and the key are traced.
+
+``generate(..., max_concurrent=K)`` runs the continuous-batching engine instead
+(``espo_jax.rollout.engine``: K slots, a K x (P + N) cache, the same responses).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from espo_jax.rollout.sampling import sample_step
+from espo_jax.rollout import engine
+from espo_jax.rollout.sampling import SAMPLING_METHODS, sample_rows, token_keys
 
 
 class Rollout(NamedTuple):
@@ -43,6 +47,15 @@ class Rollout(NamedTuple):
                              (prompt, then response; the last response token is never fed
                              back, its slot stays 0); for routing replay. uint8 (int16
                              above 256 experts): Qwen3-30B-A3B records 384 ids per token
+
+    Randomness: token t of row i (rows in output order: prompt-major, the G samples of a
+    prompt consecutive) is drawn with ``fold_in(fold_in(key, i), t)``
+    (``sampling.token_keys``), so the same key gives the same responses whatever the
+    batch layout: static batch or continuous batching with any ``max_concurrent``, any
+    prompt bucket, any mesh (up to float rounding of the logits across batch shapes,
+    which can flip a near-tied draw). Before the rollout engine every row drew token t
+    with ``fold_in(key, t)`` and one batched categorical, which tied a row's draws to
+    the batch it ran in.
     """
     prompt_tokens: jax.Array
     prompt_mask: jax.Array
@@ -84,21 +97,23 @@ class DecodeOptions:
     use_top_p: bool = False
     pad_id: int = 0
     cache_dtype: Any = None
+    sampling: str = "gumbel"
 
 
 def decode(
     graphdef: nnx.GraphDef, options: DecodeOptions, state: nnx.State, prompt_ids: jax.Array,
     prompt_mask: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
-    eos_ids: jax.Array,
+    eos_ids: jax.Array, budgets: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Prefill + decode loop; pure. Jit it with ``static_argnums=STATIC_ARGNUMS``
-    (``decode_jit``), adding in/out shardings for the 7 array arguments if wanted.
+    (``decode_jit``), adding in/out shardings for the 8 array arguments if wanted.
 
     state: the model's nnx.State; prompt_ids i32[B, P] left-padded, prompt_mask i32[B, P]
     (each row ends in a real token), key a PRNG key, temperature / top_p f32 scalars,
-    eos_ids i32[E] (E may be 0) -> (tokens i32[B, N], mask f32[B, N], logprobs f32[B, N]),
-    plus routed_experts u8[B, P + N, L, k] for an MoE model (``Rollout``).
-    Token t of every row is drawn with ``jax.random.fold_in(key, t)``.
+    eos_ids i32[E] (E may be 0), budgets i32[B] in [1, N] (max new tokens of each row)
+    -> (tokens i32[B, N], mask f32[B, N], logprobs f32[B, N]), plus routed_experts
+    u8[B, P + N, L, k] for an MoE model (``Rollout``).
+    Token t of row i is drawn with ``token_keys``: ``fold_in(fold_in(key, i), t)``.
     """
     model = nnx.merge(graphdef, state)
     batch, plen = prompt_ids.shape
@@ -106,9 +121,13 @@ def decode(
     prompt_mask = prompt_mask.astype(jnp.int32)
     prompt_len = prompt_mask.sum(axis=1)                                  # [B]
     kv_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n), jnp.int32)], axis=1)
-    sample = functools.partial(sample_step, temperature=temperature, top_p=top_p,
-                               top_k=options.top_k, greedy=options.greedy,
-                               use_top_p=options.use_top_p)
+    rows = jnp.arange(batch, dtype=jnp.int32)
+    sample_ = functools.partial(sample_rows, temperature=temperature, top_p=top_p,
+                                top_k=options.top_k, greedy=options.greedy,
+                                use_top_p=options.use_top_p, method=options.sampling)
+
+    def sample(logits, step):
+        return sample_(logits, token_keys(key, rows, jnp.full((batch,), step, jnp.int32)))
 
     def is_stop(tok):                                                     # [B] -> bool[B]
         return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
@@ -122,12 +141,13 @@ def decode(
     rdt = jnp.uint8 if moe and model.config.num_experts <= 256 else jnp.int16
     routed = (jnp.zeros((batch, plen + n) + rx.shape[2:], rdt).at[:, :plen].set(rx.astype(rdt))
               if moe else jnp.zeros((), jnp.int32))
-    tok, logp = sample(logits, jax.random.fold_in(key, 0))
+    tok, logp = sample(logits, 0)
 
     tokens = jnp.full((batch, n), pad_id, jnp.int32).at[:, 0].set(tok)
     logps = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(logp)
     mask = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(1.0)
-    done = is_stop(tok)
+    budgets = budgets.astype(jnp.int32)
+    done = is_stop(tok) | (budgets <= 1)
 
     def cond(carry):
         step, _, done, *_ = carry
@@ -142,14 +162,15 @@ def decode(
         if moe:
             routed = jax.lax.dynamic_update_slice(routed, rx.astype(rdt),
                                                   (0, plen + step - 1, 0, 0))
-        tok, logp = sample(logits, jax.random.fold_in(key, step))
+        tok, logp = sample(logits, step)
         live = ~done
         tok = jnp.where(live, tok, pad_id)
         logp = jnp.where(live, logp, 0.0)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
         logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, step))
         mask = jax.lax.dynamic_update_slice(mask, live.astype(jnp.float32)[:, None], (0, step))
-        return step + 1, tok, done | is_stop(tok), tokens, logps, mask, cache, routed
+        done = done | is_stop(tok) | (step + 1 >= budgets)
+        return step + 1, tok, done, tokens, logps, mask, cache, routed
 
     carry = (jnp.asarray(1, jnp.int32), tok, done, tokens, logps, mask, cache, routed)
     _, _, _, tokens, logps, mask, _, routed = jax.lax.while_loop(cond, body, carry)
@@ -231,18 +252,37 @@ def _max_positions(config) -> int | None:
     return None
 
 
+def _budgets(max_new_tokens, n_prompts: int) -> np.ndarray:
+    """max_new_tokens (an int, or one int per prompt) -> i32[n_prompts], each >= 1."""
+    if isinstance(max_new_tokens, (int, np.integer)):
+        budgets = np.full((n_prompts,), int(max_new_tokens), np.int64)
+    else:
+        budgets = np.asarray(max_new_tokens)
+        if budgets.shape != (n_prompts,) or not np.issubdtype(budgets.dtype, np.integer):
+            raise ValueError(f"max_new_tokens must be an int or {n_prompts} ints (one per "
+                             f"prompt), got shape {budgets.shape} of {budgets.dtype}")
+    if budgets.min() < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {int(budgets.min())}")
+    return budgets.astype(np.int32)
+
+
 def generate(
     model: nnx.Module, prompts: Sequence[Sequence[int]] | tuple[Any, Any], *,
-    max_new_tokens: int, temperature: float, key: jax.Array, top_p: float = 1.0,
-    top_k: int = 0, eos_id: int | Sequence[int] | None, num_samples: int = 1,
-    pad_id: int = 0, max_len: int | None = None, cache_dtype: Any = None,
-    decode_fn: Callable | None = None,
+    max_new_tokens: int | Sequence[int], temperature: float, key: jax.Array,
+    top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int] | None,
+    num_samples: int = 1, pad_id: int = 0, max_len: int | None = None,
+    cache_dtype: Any = None, decode_fn: Callable | None = None,
+    max_concurrent: int | None = None, prefill_chunk: int = 512, kv_block: int = 256,
+    engine_fn: Callable | None = None, sampling: str = "gumbel",
+    prefill_rows: int | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt with a KV cache, in one jitted call.
 
     prompts: list of token-id lists (any lengths >= 1) or (ids [B0, P0], mask [B0, P0])
       left-padded arrays. Prompts are left-padded to a bucketed length P
       (``bucket_length``) so shapes, and compiles, are shared across calls.
+    max_new_tokens: N, or one budget per prompt (B0 ints >= 1; N = their max): row i
+      stops after its budget (for curricula and benchmarks with controlled lengths).
     num_samples: G; the batch is B = B0 * G with the G samples of a prompt consecutive.
     temperature: 0 -> greedy (argmax); > 0 samples from softmax(filtered logits / T).
     top_p (1.0 = off), top_k (0 = off): truncation, applied after temperature, top-k
@@ -250,13 +290,21 @@ def generate(
     eos_id: a stop token, a list of stop tokens, or None (always N tokens).
     max_len: cap on prompt + response length; defaults to the model's max positions.
     cache_dtype: KV cache dtype (default: the model's compute dtype).
+    max_concurrent: None -> one static batch of all B rows (``decode``: a B x (P + N)
+      cache, every row runs until the last one ends). K -> continuous batching
+      (``espo_jax.rollout.engine``): K rows in flight, a finished row's slot is refilled
+      with the next prompt, a K x (P + N) cache, ragged attention; the same responses.
+    prefill_chunk, kv_block: the engine's prompt tokens per prefill step and kv
+      positions per attention block (clipped to the bucket for short inputs).
+    prefill_rows: slots the engine prefills together (None: max(1, K // 4)).
     decode_fn: a jitted variant of ``decode`` with the same signature, e.g.
       ``jax.jit(decode, static_argnums=STATIC_ARGNUMS, in_shardings=..., out_shardings=...)``;
-      defaults to ``decode_jit``.
-    Returns a ``Rollout``; arrays stay on device (no host sync).
+      defaults to ``decode_jit`` (static batch only).
+    engine_fn: the same for ``engine.engine_decode`` (default ``engine.engine_jit``).
+    sampling: "gumbel" (reproducible across batch layouts) or "inverse_cdf" (cheaper on
+      CPU; see ``sampling.sample_rows``).
+    Returns a ``Rollout`` (rows in input order); arrays stay on device (no host sync).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
@@ -265,8 +313,20 @@ def generate(
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if sampling not in SAMPLING_METHODS:
+        raise ValueError(f"sampling must be one of {SAMPLING_METHODS}, got {sampling!r}")
+    if max_concurrent is not None and (isinstance(max_concurrent, bool)
+                                       or not isinstance(max_concurrent, (int, np.integer))
+                                       or max_concurrent < 1):
+        raise ValueError(f"max_concurrent must be None (one static batch) or an int >= 1, "
+                         f"got {max_concurrent!r}")
+    for name, v in (("prefill_chunk", prefill_chunk), ("kv_block", kv_block)):
+        if not isinstance(v, (int, np.integer)) or v < 1 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 1, got {v!r}")
 
     ids, mask = _normalise_prompts(prompts, pad_id)
+    budgets = _budgets(max_new_tokens, ids.shape[0])
+    n_max = int(budgets.max())
     config = model.config
     vocab = int(config.vocab_size)
     lens = mask.sum(1)
@@ -274,15 +334,16 @@ def generate(
         raise ValueError(f"prompt token ids must be in [0, {vocab}); got range "
                          f"[{ids.min()}, {ids.max()}]")
     limit = max_len if max_len is not None else _max_positions(config)
-    longest = int(lens.max())
-    if limit is not None and longest + max_new_tokens > limit:
-        row = int(np.argmax(lens))
+    total = lens + budgets
+    if limit is not None and total.max() > limit:
+        row = int(np.argmax(total))
         raise ValueError(
-            f"prompt {row} has {longest} tokens + max_new_tokens={max_new_tokens} = "
-            f"{longest + max_new_tokens} > {limit} (the cache / max position length: "
+            f"prompt {row} has {lens[row]} tokens + max_new_tokens={budgets[row]} = "
+            f"{total[row]} > {limit} (the cache / max position length: "
             f"{'max_len' if max_len is not None else 'model.config.max_position_embeddings'})"
             "; shorten the prompt or lower max_new_tokens")
 
+    longest = int(lens.max())
     plen = bucket_length(longest)
     if ids.shape[1] > plen:  # over-padded array input: drop all-pad columns on the left
         ids, mask = ids[:, -plen:], mask[:, -plen:]
@@ -292,18 +353,42 @@ def generate(
         mask = np.pad(mask, ((0, 0), (extra, 0)))
     if num_samples > 1:
         ids, mask = np.repeat(ids, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
+        budgets = np.repeat(budgets, num_samples)
 
     greedy = temperature == 0
     graphdef, state = nnx.split(model)
-    options = DecodeOptions(max_new_tokens=int(max_new_tokens), top_k=int(top_k),
-                            greedy=bool(greedy), use_top_p=bool(top_p < 1.0),
-                            pad_id=int(pad_id), cache_dtype=cache_dtype)
-    out = (decode_fn or decode_jit)(
-        graphdef, options, state, jnp.asarray(ids), jnp.asarray(mask), key,
-        jnp.asarray(1.0 if greedy else temperature, jnp.float32),
-        jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_array(eos_id)))
-    tokens, out_mask, logprobs = out[:3]
+    traced = (key, jnp.asarray(1.0 if greedy else temperature, jnp.float32),
+              jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_array(eos_id)))
+    if max_concurrent is None:
+        options = DecodeOptions(max_new_tokens=n_max, top_k=int(top_k),
+                                greedy=bool(greedy), use_top_p=bool(top_p < 1.0),
+                                pad_id=int(pad_id), cache_dtype=cache_dtype, sampling=sampling)
+        out = (decode_fn or decode_jit)(
+            graphdef, options, state, jnp.asarray(ids), jnp.asarray(mask), *traced,
+            jnp.asarray(budgets))
+        tokens, out_mask, logprobs = out[:3]
+        routed = out[3] if len(out) > 3 else None
+        lengths = out_mask.sum(-1).astype(jnp.int32)
+    else:
+        if model.config.is_moe:
+            raise ValueError("rollout.max_concurrent: the continuous-batching engine does not "
+                             "record MoE routing yet; use max_concurrent=0 (static batch) for "
+                             "MoE models")
+        routed = None
+        chunk = min(int(prefill_chunk), plen)
+        block = min(int(kv_block), bucket_length(plen + n_max))
+        k = min(int(max_concurrent), ids.shape[0])
+        options = engine.EngineOptions(
+            max_new_tokens=n_max, max_concurrent=k, prefill_chunk=chunk, kv_block=block,
+            decode_sizes=engine.default_decode_sizes(k), top_k=int(top_k),
+            greedy=bool(greedy), use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
+            cache_dtype=cache_dtype, sampling=sampling,
+            prefill_rows=max(1, k // 4) if prefill_rows is None else int(prefill_rows))
+        right, plens = engine.right_align(ids, mask, chunk, pad_id)
+        tokens, lengths, logprobs, _ = (engine_fn or engine.engine_jit)(
+            graphdef, options, state, jnp.asarray(right), jnp.asarray(plens),
+            jnp.asarray(budgets), *traced)
+        out_mask = (jnp.arange(n_max)[None, :] < lengths[:, None]).astype(jnp.float32)
     return Rollout(prompt_tokens=jnp.asarray(ids), prompt_mask=jnp.asarray(mask),
-                   tokens=tokens, mask=out_mask, logprobs=logprobs,
-                   lengths=out_mask.sum(-1).astype(jnp.int32),
-                   routed_experts=out[3] if len(out) > 3 else None)
+                   tokens=tokens, mask=out_mask, logprobs=logprobs, lengths=lengths,
+                   routed_experts=routed)

@@ -96,3 +96,86 @@ def sample_step(
         logp_all = jax.nn.log_softmax(filtered, axis=-1)
     logprobs = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
+
+
+def token_keys(key: jax.Array, rows: jax.Array, steps: jax.Array) -> jax.Array:
+    """The key of token ``steps[i]`` of row ``rows[i]``: ``fold_in(fold_in(key, row), t)``.
+
+    key: one PRNG key (typed or raw uint32[2]); rows, steps i32[B] -> B keys. A row's
+    draws depend only on (key, row, t), never on which other rows share its batch, so
+    the same key gives the same responses whatever the batch layout (static batch,
+    continuous batching with any number of slots, any mesh).
+    """
+    return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(rows, steps)
+
+
+def _inverse_cdf(probs: jax.Array, u: jax.Array, block: int = 256) -> jax.Array:
+    """Index of the first cumulative probability > u * total, per row: probs f32[B, V]
+    (>= 0), u f32[B] in [0, 1) -> i32[B]. Two levels (sums of blocks of ``block``
+    tokens, then the chosen block's own cumsum) keep the float error of the running sums
+    small; zero-probability tokens are never returned."""
+    b, v = probs.shape
+    nb = -(-v // block)
+    pb = jnp.pad(probs, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+    sums = pb.sum(-1)                                                     # [B, nb]
+    csum = jnp.cumsum(sums, -1)
+    target = u * csum[:, -1]
+    last_block = nb - 1 - jnp.argmax((sums > 0)[:, ::-1], axis=-1)
+    blk = jnp.minimum(jnp.sum(csum <= target[:, None], -1), last_block)
+    below = jnp.take_along_axis(csum - sums, blk[:, None], -1)[:, 0]
+    inner = jnp.take_along_axis(pb, blk[:, None, None], 1)[:, 0]          # [B, block]
+    rest = jnp.maximum(target - below, 0.0)
+    last_tok = block - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
+    tok = jnp.minimum(jnp.sum(jnp.cumsum(inner, -1) <= rest[:, None], -1), last_tok)
+    return (blk * block + tok).astype(jnp.int32)
+
+
+SAMPLING_METHODS = ("gumbel", "inverse_cdf")
+
+
+def _blocked_gumbel(logp: jax.Array, key: jax.Array, block: int = 256) -> jax.Array:
+    """One exact draw from softmax(logp) (f32[V], -inf allowed) by Gumbel-max in two
+    levels: a block of ``block`` tokens by Gumbel-max over the blocks' log-masses, then a
+    token of that block by Gumbel-max over its logits. P(token) = P(block) P(token |
+    block) exactly, with V / block + block random numbers instead of V."""
+    v = logp.shape[-1]
+    nb = -(-v // block)
+    lb = jnp.pad(logp, (0, nb * block - v), constant_values=-jnp.inf).reshape(nb, block)
+    mass = jax.nn.logsumexp(lb, axis=-1)                                   # [nb]
+    k_block, k_tok = jax.random.split(key)
+    blk = jnp.argmax(mass + jax.random.gumbel(k_block, (nb,)))
+    tok = jnp.argmax(lb[blk] + jax.random.gumbel(k_tok, (block,)))
+    return (blk * block + tok).astype(jnp.int32)
+
+
+def sample_rows(
+    logits: jax.Array, keys: jax.Array, temperature: jax.Array | float,
+    top_p: jax.Array | float = 1.0, *, top_k: int = 0, greedy: bool = False,
+    use_top_p: bool | None = None, method: str = "gumbel",
+) -> tuple[jax.Array, jax.Array]:
+    """``sample_step`` with one key per row (``token_keys``): logits f32[B, V], keys [B]
+    -> (tokens i32[B], logprobs f32[B]). Row i's token depends only on its logits and key.
+
+    method (static): "gumbel" (default): Gumbel-max in two levels (``_blocked_gumbel``:
+    ~2 sqrt(V) random numbers per row instead of V); a draw changes only if float noise
+    in the logits (e.g. a different batch shape in the matmuls) reorders the top two
+    perturbed (block) logits, so the same key reproduces the same responses across batch
+    layouts. "inverse_cdf": one uniform per row against the running sum of probabilities
+    (``_inverse_cdf``), the same distribution, but a ~1e-7 change of the logits moves the
+    CDF boundaries and flips a few tokens per thousand at V = 32k: responses are
+    reproducible only for identical batch shapes.
+    """
+    if method not in SAMPLING_METHODS:
+        raise ValueError(f"sampling method must be one of {SAMPLING_METHODS}, got {method!r}")
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        return sample_step(logits, None, temperature, top_p, top_k=top_k, greedy=True)
+    filtered = process_logits(logits, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+    logp_all = jax.nn.log_softmax(filtered, axis=-1)
+    if method == "gumbel":
+        tokens = jax.vmap(_blocked_gumbel)(logp_all, keys)
+    else:
+        u = jax.vmap(jax.random.uniform)(keys)
+        tokens = _inverse_cdf(jnp.exp(logp_all), u)
+    logprobs = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs

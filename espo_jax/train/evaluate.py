@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from espo_jax.rollout import generate
+from espo_jax.rollout.engine import decode_model, engine_kwargs
 from espo_jax.train.distributed import to_host
 from espo_jax.train.tasks import Task, decode_responses, encode_prompts, stop_token_ids
 
@@ -26,6 +27,9 @@ def evaluate(model, task: Task, tokenizer, config, *, key: jax.Array, decode_fn=
     prompts = encode_prompts(examples, config.task, tokenizer)
     stop_ids = stop_token_ids(tokenizer, config.model.path)
     bs = int(ecfg.batch_size) if ecfg.batch_size and ecfg.batch_size > 0 else len(prompts)
+    engine = engine_kwargs(config.rollout)
+    if engine["max_concurrent"] is not None:
+        model = decode_model(model)  # TP-only / replicated weights, made once per evaluation
     rewards, gradable, lengths = [], [], []
     for start in range(0, len(prompts), bs):
         chunk = prompts[start:start + bs]
@@ -34,7 +38,8 @@ def evaluate(model, task: Task, tokenizer, config, *, key: jax.Array, decode_fn=
         ro = generate(model, chunk, max_new_tokens=int(ecfg.max_new_tokens),
                       temperature=temperature, key=jax.random.fold_in(key, start),
                       eos_id=stop_ids, num_samples=k,
-                      pad_id=tokenizer.pad_token_id, decode_fn=decode_fn)
+                      pad_id=tokenizer.pad_token_id, decode_fn=decode_fn,
+                      **engine)
         tokens, mask = to_host((ro.tokens, ro.mask))        # rows may live on other hosts
         tokens, mask = tokens[: n_real * k], mask[: n_real * k]
         texts = decode_responses(tokens, mask, tokenizer)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from espo_jax.objectives import compute_advantages
+from espo_jax.rollout.engine import decode_model, engine_kwargs, sharded_engine_fn
 from espo_jax.train import checkpoint as ckpt_lib
 from espo_jax.train import mesh as mesh_lib
 from espo_jax.train import report, writers
@@ -106,7 +107,7 @@ def run(config, workdir) -> dict:
     prompts = PromptSource(config=config, task=task, tokenizer=tok,
                            order=PromptOrder(len(task.train), int(config.seed)),
                            stop_ids=tuple(stop_token_ids(tok, config.model.path)),
-                           decode_fn=decode_fn)
+                           decode_fn=decode_fn, engine_fn=sharded_engine_fn(mesh))
     eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 2**30)
 
     def to_device(tree):
@@ -147,6 +148,8 @@ def run(config, workdir) -> dict:
             t0 = time.perf_counter()
             # ------------------------------------------------------------- rollout --
             policy = state.compute_model()  # one compute-dtype copy per rollout
+            if engine_kwargs(config.rollout)["max_concurrent"] is not None:
+                policy = decode_model(policy)  # TP-only (else replicated) decode weights
             rollout, rollout_info = collect(prompts, policy, step)
             del policy
             t1 = time.perf_counter()

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from espo_jax.rollout import generate
+from espo_jax.rollout.engine import engine_kwargs
 from espo_jax.train.batches import RolloutBatch
 from espo_jax.train.distributed import to_host
 from espo_jax.train.tasks import Task, decode_responses, encode_prompts
@@ -45,21 +46,23 @@ class PromptOrder:
 class PromptSource:
     """Where a step's prompts come from and how they are sampled: the config's rollout
     settings, the task (train split + verifier), its tokenizer, the prompt order, the stop
-    tokens (``tasks.stop_token_ids``) and the sharded sampler (None: the default jit).
-    Prompts are tokenised once and cached by index."""
+    tokens (``tasks.stop_token_ids``) and the sharded samplers (None: the default jit):
+    ``decode_fn`` for the static batch, ``engine_fn`` for continuous batching
+    (``rollout.max_concurrent`` > 0). Prompts are tokenised once and cached by index."""
     config: Any
     task: Task
     tokenizer: Any
     order: PromptOrder
     stop_ids: tuple[int, ...]
     decode_fn: Callable | None = None
+    engine_fn: Callable | None = None
     prompt_cache: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
 
 def sample_groups(src: PromptSource, policy, indices: list[int], key) -> RolloutBatch:
     """G responses for each prompt index, decoded and rewarded.
     ``policy``: the model to sample from (the state's compute-dtype copy, made once per
-    rollout); key: the PRNG key of this draw."""
+    rollout; for the engine, ``rollout.engine.decode_model`` of it); key: the PRNG key of this draw."""
     cfg = src.config
     r = cfg.rollout
     missing = [i for i in indices if i not in src.prompt_cache]
@@ -70,7 +73,8 @@ def sample_groups(src: PromptSource, policy, indices: list[int], key) -> Rollout
                   max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
                   key=key, top_p=float(r.top_p), top_k=int(r.top_k),
                   eos_id=src.stop_ids, num_samples=int(r.group_size),
-                  pad_id=src.tokenizer.pad_token_id, decode_fn=src.decode_fn)
+                  pad_id=src.tokenizer.pad_token_id, decode_fn=src.decode_fn,
+                  engine_fn=src.engine_fn, **engine_kwargs(r))
     # Rows may be split over the mesh (and hosts): gather them on every host.
     prompt_tokens, prompt_mask, tokens, mask, sampler_logp = to_host(
         (ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs))

@@ -143,11 +143,24 @@ def _batches(config, batch_devices: int) -> None:
                          f"{batch_devices} batch devices (mesh data x fsdp)")
     _float(config, "rollout.temperature", lo=0.0, lo_open=True)
     _int(config, "rollout.max_new_tokens", lo=1)
+    _engine(config)
     _float(config, "train.lr", lo=0.0)
     _int(config, "train.warmup_steps", lo=0)
     _float(config, "train.grad_clip", lo=0.0)
     _int(config, "train.max_nonfinite_in_a_row", lo=1)
     del r
+
+
+def _engine(config) -> None:
+    """rollout.max_concurrent (0 = static batch) and the engine's power-of-two sizes."""
+    r = config.rollout
+    if "max_concurrent" in r:
+        _int(config, "rollout.max_concurrent", lo=0)
+    for key in ("prefill_chunk", "kv_block"):
+        if key in r:
+            v = _int(config, f"rollout.{key}", lo=1)
+            if v & (v - 1):
+                raise ValueError(f"rollout.{key} must be a power of two, got {v}")
 
 
 def _eval_and_io(config, batch_devices: int) -> None:

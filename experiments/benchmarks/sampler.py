@@ -1,11 +1,24 @@
-"""Sampler throughput: espo_jax.rollout.generate vs Hugging Face generate (torch CPU).
+"""Sampler throughput: espo_jax.rollout.generate vs Hugging Face generate (torch CPU), and
+continuous batching vs static batches on a ragged workload.
 
 Same random Qwen3 weights on both sides (built with transformers, saved, loaded with
-espo_jax.models.from_pretrained in float32), greedy decoding, no early stopping.
-Prefill is timed alone (generate with max_new_tokens=1), then the full generate;
-decode = full - prefill. Medians over --reps runs after one warm-up (the JAX compile).
+espo_jax.models.from_pretrained in float32).
+
+Uniform workload (default): greedy decoding, no early stopping. Prefill is timed alone
+(generate with max_new_tokens=1), then the full generate; decode = full - prefill. The
+static sampler (max_concurrent=None) and the engine (max_concurrent=B) against HF.
+
+Ragged workload (--ragged): --ragged-prompts prompts (lengths 8..64), sampled at T=1 with a
+stop set of V/40 token ids, so on the near-uniform random model a response ends with
+probability ~1/40 per token: geometric lengths, mean ~40, capped at --ragged-cap. Useful
+tokens/s (response tokens up to the stop) of the engine with K=--ragged-k slots vs the
+static sampler run on consecutive batches of K prompts (each batch runs until its longest
+row ends).
+
+Medians over --reps runs after one warm-up (the JAX compile).
 
     .venv/bin/python experiments/benchmarks/sampler.py            # 16 x 32 prompt, 128 new
+    .venv/bin/python experiments/benchmarks/sampler.py --ragged   # 64 ragged prompts, K=16
     .venv/bin/python experiments/benchmarks/sampler.py --quick    # seconds, for smoke tests
 """
 from __future__ import annotations
@@ -50,6 +63,62 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def ragged(model, args):
+    """Continuous batching (K slots) vs static batches of K prompts; useful tokens/s."""
+    v = MODEL["vocab_size"]
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, v, size=int(n)).tolist()
+               for n in rng.integers(8, 65, size=args.ragged_prompts)]
+    stops = rng.choice(np.arange(1, v), size=v // 40, replace=False).tolist()
+    k, cap = args.ragged_k, args.ragged_cap
+    kw = dict(max_new_tokens=cap, temperature=1.0, key=jax.random.key(0), eos_id=stops,
+              sampling=args.sampling)
+
+    def engine():
+        return [jax.block_until_ready(generate(model, prompts, max_concurrent=k, **kw))]
+
+    def static():
+        return [jax.block_until_ready(generate(model, prompts[i:i + k], **kw))
+                for i in range(0, len(prompts), k)]
+
+    # The static batches draw other responses (a row's key is its index in its call), so
+    # also time them with each row cut at the continuous run's length for that prompt
+    # (per-prompt budgets, no stop set): the very same lengths, batch by batch.
+    same = {}
+
+    def static_same():
+        return [jax.block_until_ready(generate(
+            model, prompts[i:i + k], **dict(kw, eos_id=None, max_new_tokens=same["n"][i:i + k])))
+            for i in range(0, len(prompts), k)]
+
+    runs = {"continuous K=%d" % k: engine, "static batches of %d" % k: static,
+            "static, same lengths": static_same}
+    rows, times = {}, {name: [] for name in runs}
+    for name, run in runs.items():
+        out = run()  # warm-up: compiles
+        if not same:
+            same["n"] = np.concatenate([np.asarray(r.lengths) for r in out]).tolist()
+        lengths = np.concatenate([np.asarray(r.lengths) for r in out])
+        rows[name] = (int(lengths.sum()), lengths)
+    for _ in range(args.reps):  # interleaved, so both see the same machine load
+        for name, run in runs.items():
+            times[name].append(timed(run, 1))
+    rows = {name: (statistics.median(times[name]), *rows[name]) for name in runs}
+    print(f"\nragged workload: {len(prompts)} prompts (8..64 tokens), T=1, {len(stops)} stop "
+          f"ids, cap {cap}, {args.sampling} sampling; Qwen3 {MODEL['hidden_size']}d x "
+          f"{MODEL['num_hidden_layers']} "
+          f"layers, vocab {v}; jax {jax.__version__} ({jax.devices()[0].platform}); "
+          f"median of {args.reps}")
+    print(f"{'sampler':<24} {'seconds':>9} {'useful tok':>11} {'tok/s':>9} "
+          f"{'len mean/max':>13}")
+    for name, (secs, useful, lengths) in rows.items():
+        print(f"{name:<24} {secs:>9.3f} {useful:>11d} {useful / secs:>9.1f} "
+              f"{lengths.mean():>7.1f}/{lengths.max():<5d}")
+    (s_e, u_e, _), (s_s, u_s, _), (s_l, u_l, _) = rows.values()
+    print(f"continuous / static useful tokens/s: {(u_e / s_e) / (u_s / s_s):.2f}x; "
+          f"with the same lengths: {(u_e / s_e) / (u_l / s_l):.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +127,19 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="4 prompts x 16 tokens, 16 new, 1 rep")
+    ap.add_argument("--ragged", action="store_true", help="the ragged workload instead")
+    ap.add_argument("--ragged-prompts", type=int, default=64)
+    ap.add_argument("--ragged-k", type=int, default=16)
+    ap.add_argument("--ragged-cap", type=int, default=256)
+    ap.add_argument("--sampling", default="gumbel", choices=("gumbel", "inverse_cdf"))
     args = ap.parse_args()
+    if args.ragged:
+        if args.quick:
+            args.ragged_prompts, args.ragged_k, args.ragged_cap, args.reps = 8, 4, 32, 1
+        with tempfile.TemporaryDirectory() as tmp:
+            _, model = build_models(tmp)
+        ragged(model, args)
+        return
     if args.quick:
         args.batch, args.prompt_len, args.new_tokens, args.reps = 4, 16, 16, 1
     b, p, n = args.batch, args.prompt_len, args.new_tokens
@@ -75,21 +156,25 @@ def main():
             return hf.generate(input_ids=ids_t, attention_mask=mask_t, do_sample=False,
                                max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
 
-    def jax_run(new):
+    def jax_run(new, max_concurrent=None):
         ro = generate(model, prompts.tolist(), max_new_tokens=new, temperature=0.0, key=key,
-                      eos_id=None)
+                      eos_id=None, max_concurrent=max_concurrent)
         return jax.block_until_ready(ro)
 
+    def engine_run(new):
+        return jax_run(new, max_concurrent=b)
+
     results = {}
-    for name, run in (("jax", jax_run), ("hf", hf_run)):
+    for name, run in (("jax", jax_run), ("engine", engine_run), ("hf", hf_run)):
         out_full = run(n)  # warm-up (compiles the JAX buckets)
         run(1)
         prefill = timed(lambda: run(1), args.reps)
         full = timed(lambda: run(n), args.reps)
         results[name] = dict(prefill=prefill, full=full, decode=max(full - prefill, 1e-9),
-                             out=np.asarray(out_full.tokens if name == "jax" else out_full[:, p:]))
+                             out=np.asarray(out_full[:, p:] if name == "hf" else out_full.tokens))
 
     same = np.array_equal(results["jax"]["out"], results["hf"]["out"])
+    same_engine = np.array_equal(results["engine"]["out"], results["hf"]["out"])
     rows = [
         ("prefill (s)", "prefill", lambda r: r["prefill"], False),
         ("prefill tok/s", "prefill", lambda r: b * p / r["prefill"], True),
@@ -103,12 +188,13 @@ def main():
           f"{MODEL['vocab_size']}; jax {jax.__version__} ({jax.devices()[0].platform}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{os.cpu_count()} CPUs; median of {args.reps}")
-    print(f"{'metric':<20} {'espo_jax':>12} {'HF torch':>12} {'speedup':>10}")
+    print(f"{'metric':<20} {'static':>10} {'engine':>10} {'HF torch':>10} {'static/HF':>10} "
+          f"{'engine/HF':>10}")
     for label, _, fn, higher_better in rows:
-        j, h = fn(results["jax"]), fn(results["hf"])
-        ratio = j / h if higher_better else h / j  # > 1 means JAX is faster
-        print(f"{label:<20} {j:>12.4g} {h:>12.4g} {ratio:>9.2f}x")
-    print(f"greedy tokens identical to HF: {same}")
+        j, e, h = fn(results["jax"]), fn(results["engine"]), fn(results["hf"])
+        ratio = (lambda x: x / h if higher_better else h / x)  # > 1 means JAX is faster
+        print(f"{label:<20} {j:>10.4g} {e:>10.4g} {h:>10.4g} {ratio(j):>9.2f}x {ratio(e):>9.2f}x")
+    print(f"greedy tokens identical to HF: static {same}, engine {same_engine}")
 
 
 if __name__ == "__main__":

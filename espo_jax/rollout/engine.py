@@ -1,0 +1,405 @@
+"""Continuous-batching rollout engine: K sequences in flight, refilled from a queue.
+
+One jitted program (``engine_decode``) runs the whole rollout of B prompts:
+
+    while a prompt is pending or a slot is busy:
+        if a slot is mid-prefill, or prefill_rows slots are free and prompts pending:
+            prefill the next chunk of C prompt tokens of up to prefill_rows slots into
+            their cache rows; after a prompt's last chunk, sample its first token
+        else:
+            one decode step for the busy slots (K rows, or fewer: see ``decode_sizes``)
+        a slot whose row hit a stop token or its budget is freed (its row is done)
+
+KV cache: per layer {"k", "v"} [K, S, KVH, hd] with S = P + N rounded up to the kv block
+(P: the longest prompt rounded up to the prefill chunk; N: the largest budget) -- sized
+by what is in flight (K), never by B. A sequence sits at positions [0, len) of its slot
+(no left padding: positions are cache indices). Attention (``kv_attention``) reads only
+the kv blocks below the longest live length of the rows in the call; prefill attends
+only over the prompt's own positions.
+
+Drain: once fewer than K slots are busy, the decode step gathers the busy slots into the
+smallest of ``decode_sizes`` that holds them (one inner loop per static size), so the
+long tail of a ragged rollout runs on a small batch instead of K mostly-empty rows.
+
+Randomness: token t of row i is drawn with ``fold_in(fold_in(key, i), t)``
+(``sampling.token_keys``), whatever slot or step it runs in, so the responses do not
+depend on K (nor on the static sampler vs this engine).
+
+The decode forward reuses the model's own modules (projections, norms, MLP, RoPE) and
+weights; only the attention and cache layout are the engine's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from espo_jax.models.layers import apply_rope, rope_inv_freq
+from espo_jax.rollout.kv_attention import ragged_attention
+from espo_jax.rollout.sampling import sample_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """Static (compile-time) options of ``engine_decode``; hashable.
+
+    max_new_tokens N (the output width; per-row budgets may be smaller);
+    max_concurrent K slots; prefill_chunk C prompt tokens per prefill step (the prompt
+    array's width is a multiple of C); kv_block positions per attention block (the cache
+    length is a multiple of it); decode_sizes: descending batch sizes of the decode step,
+    the first = K; sampling flags and pad_id as in ``sampler.DecodeOptions``;
+    cache_dtype (None = the model's compute dtype); sampling: ``sampling.sample_rows``'s
+    method; prefill_rows: slots prefilled together (free slots wait until that many are
+    free or nothing else decodes).
+    """
+    max_new_tokens: int
+    max_concurrent: int
+    prefill_chunk: int
+    kv_block: int
+    decode_sizes: tuple
+    top_k: int = 0
+    greedy: bool = False
+    use_top_p: bool = False
+    pad_id: int = 0
+    cache_dtype: Any = None
+    sampling: str = "gumbel"
+    prefill_rows: int = 1
+
+
+def default_decode_sizes(k: int) -> tuple:
+    """(K, ceil(K/4), 1) for K >= 8, else (K,): drain sizes where they pay (each size is
+    one more compiled decode step; the last long response of a ragged rollout runs alone)."""
+    return tuple(dict.fromkeys((k, -(-k // 4), 1))) if k >= 8 else (k,)
+
+
+def kv_cache_bytes(config, max_concurrent: int, max_len: int, dtype="bfloat16") -> int:
+    """Bytes of the engine's KV cache: K slots x max_len positions (prompt + response,
+    rounded up to the kv block by the engine) x layers x 2 (k, v) x kv heads x head_dim.
+    Divide by the devices that split the slots or the kv heads for a per-device figure."""
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
+    return int(max_concurrent) * int(max_len) * per_token * jnp.dtype(dtype).itemsize
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _mlp(layer, x):
+    out = layer.mlp(x)
+    return out[0] if isinstance(out, tuple) else out  # a MoE block may also return aux
+
+
+def _forward(model, ids, positions, cache, write, attend):
+    """The decoder trunk with the engine's cache: ids, positions i32[M, T] ->
+    final-norm hidden f32[M, T, D], new cache. ``write(c, k, v)`` stores a layer's new
+    keys / values [M, T, KVH, hd] and returns the layer's new cache {"k", "v"};
+    ``attend(q, c)`` is the attention over it."""
+    cfg = model.config
+    inv_freq = rope_inv_freq(cfg)
+    m, t = ids.shape
+    x = jnp.take(model.embed_tokens[...], ids, axis=0).astype(model.dtype)
+    new_cache = []
+    for layer, c in zip(model.layers, cache):
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).reshape(m, t, cfg.num_heads, cfg.head_dim)
+        k = a.k_proj(h).reshape(m, t, cfg.num_kv_heads, cfg.head_dim)
+        v = a.v_proj(h).reshape(m, t, cfg.num_kv_heads, cfg.head_dim)
+        if a.q_norm is not None:
+            q, k = a.q_norm(q), a.k_norm(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        c = write(c, k, v)
+        o = attend(q, c)
+        x = x + a.o_proj(o.reshape(m, t, -1))
+        x = x + _mlp(layer, layer.post_attention_layernorm(x))
+        new_cache.append(c)
+    return model.norm(x, out_dtype=jnp.float32), new_cache
+
+
+def _unembed(model, w, hidden):
+    """Logits f32[M, V] of hidden f32[M, D]: compute-dtype operands, f32 accumulation
+    (the scoring pass's precision, ``espo_jax.ops.logprobs``)."""
+    dt = jnp.dtype(model.dtype)
+    prec = jax.lax.Precision.HIGHEST if dt == jnp.float32 else jax.lax.Precision.DEFAULT
+    return jnp.dot(hidden.astype(dt), w, preferred_element_type=jnp.float32, precision=prec)
+
+
+# ----------------------------------------------------------------------------- engine
+
+def engine_decode(
+    graphdef: nnx.GraphDef, options: EngineOptions, state: nnx.State, prompts: jax.Array,
+    prompt_len: jax.Array, budgets: jax.Array, key: jax.Array, temperature: jax.Array,
+    top_p: jax.Array, eos_ids: jax.Array, row_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The whole continuous-batching rollout; pure. Jit with ``static_argnums=(0, 1)``.
+
+    prompts i32[B, P] RIGHT-padded (row i's tokens at [0, prompt_len[i]); P a multiple of
+    options.prefill_chunk); prompt_len i32[B] (>= 1); budgets i32[B] in [1, N] (max new
+    tokens per row); key a PRNG key; temperature, top_p f32 scalars; eos_ids i32[E];
+    row_ids i32[B]: each row's index for its keys (default arange(B); a shard of a
+    bigger rollout passes its global rows).
+    Rows are started in index order. Returns (tokens i32[B, N] (pad_id after the end),
+    lengths i32[B], logprobs f32[B, N] (0 after the end), stats i32[1 + len(decode_sizes)]:
+    the number of prefill steps, then of decode steps at each size).
+    """
+    model = nnx.merge(graphdef, state)
+    cfg = model.config
+    o = options
+    b, p = prompts.shape
+    n, k, c, blk = o.max_new_tokens, o.max_concurrent, o.prefill_chunk, o.kv_block
+    if p % c:
+        raise ValueError(f"prompt width {p} must be a multiple of prefill_chunk {c}")
+    s = -(-(p + n) // blk) * blk
+    cdt = jnp.dtype(o.cache_dtype) if o.cache_dtype is not None else jnp.dtype(model.dtype)
+    shape = (k, s, cfg.num_kv_heads, cfg.head_dim)
+    cache = [{"k": jnp.zeros(shape, cdt), "v": jnp.zeros(shape, cdt)}
+             for _ in range(cfg.num_layers)]
+    w = model.unembedding().astype(model.dtype)  # once per rollout, not per token
+    sample = functools.partial(sample_rows, temperature=temperature, top_p=top_p,
+                               top_k=o.top_k, greedy=o.greedy, use_top_p=o.use_top_p,
+                               method=o.sampling)
+    prompts = prompts.astype(jnp.int32)
+    # fold_in(key, row) once per row; token t then folds in t (= sampling.token_keys).
+    if row_ids is None:
+        row_ids = jnp.arange(b, dtype=jnp.int32)
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids.astype(jnp.int32))
+
+    def keys_of(rows, steps):
+        return jax.vmap(jax.random.fold_in)(row_keys[jnp.clip(rows, 0, b - 1)], steps)
+
+    def is_stop(tok):
+        return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+
+    # Slot state: row (-1 free), phase (0 free, 1 prefilling, 2 decoding), len (tokens in
+    # the cache), step (tokens generated), prev (the last token, next decode input).
+    slots = dict(row=jnp.full((k,), -1, jnp.int32), phase=jnp.zeros((k,), jnp.int32),
+                 len=jnp.zeros((k,), jnp.int32), step=jnp.zeros((k,), jnp.int32),
+                 prev=jnp.zeros((k,), jnp.int32))
+    out = dict(tokens=jnp.full((b, n), o.pad_id, jnp.int32),
+               logps=jnp.zeros((b, n), jnp.float32), lengths=jnp.zeros((b,), jnp.int32),
+               stats=jnp.zeros((1 + len(o.decode_sizes),), jnp.int32))
+
+    def emit(out, rows, steps, tok, logp, live):
+        """Write token `steps` of `rows` (dropped where not live) and finish rows."""
+        r = jnp.where(live, rows, b)  # out of range -> dropped
+        out = dict(out)
+        out["tokens"] = out["tokens"].at[r, steps].set(tok, mode="drop")
+        out["logps"] = out["logps"].at[r, steps].set(logp, mode="drop")
+        done = live & (is_stop(tok) | (steps + 1 >= budgets[jnp.clip(rows, 0, b - 1)]))
+        out["lengths"] = out["lengths"].at[jnp.where(done, rows, b)].set(steps + 1, mode="drop")
+        return out, done
+
+    mp = max(1, min(o.prefill_rows, k))
+
+    def prefill(carry):
+        """One chunk of C prompt tokens for up to mp slots: mid-prefill slots first, then
+        free slots, which take the next pending rows in order."""
+        slots, out, nxt, cache = carry
+        ph = slots["phase"]
+        prio = jnp.where(ph == 1, 0, jnp.where(ph == 0, 1, 2))
+        sel = jnp.argsort(prio * k + jnp.arange(k, dtype=jnp.int32))[:mp].astype(jnp.int32)
+        fresh = prio[sel] == 1
+        new_row = nxt + jnp.cumsum(fresh.astype(jnp.int32)) - 1
+        valid = (prio[sel] == 0) | (fresh & (new_row < b))
+        row = jnp.clip(jnp.where(fresh, new_row, slots["row"][sel]), 0, b - 1)
+        off = jnp.where(fresh, 0, slots["len"][sel])
+        plen = prompt_len[row]
+        ids = jax.vmap(lambda r, s0: jax.lax.dynamic_slice(prompts[r], (s0,), (c,)))(row, off)
+        pos = off[:, None] + jnp.arange(c, dtype=jnp.int32)[None]          # [mp, C]
+        at = jnp.where(valid, sel, k)  # rows with nothing to prefill write nowhere
+
+        def write(cc, kk, vv):
+            return {"k": cc["k"].at[at[:, None], pos].set(kk.astype(cdt), mode="drop"),
+                    "v": cc["v"].at[at[:, None], pos].set(vv.astype(cdt), mode="drop")}
+
+        def attend(q, cc):
+            return ragged_attention(q, cc["k"], cc["v"], sel, pos,
+                                    jnp.where(valid, off + c, 0), block=blk)
+
+        hidden, cache = _forward(model, ids, pos, cache, write, attend)
+        last = jnp.clip(plen - 1 - off, 0, c - 1)
+        logits = _unembed(model, w, hidden[jnp.arange(mp), last])
+        zero = jnp.zeros((mp,), jnp.int32)
+        tok, logp = sample(logits, keys_of(row, zero))
+        finished = valid & (off + c >= plen)
+        out, done = emit(out, row, zero, tok, logp, finished)
+        phase = jnp.where(done, 0, jnp.where(finished, 2, 1))
+        upd = dict(row=jnp.where(done, -1, row), phase=phase,
+                   len=jnp.where(finished, plen, off + c), step=jnp.where(finished, 1, 0),
+                   prev=tok)
+        slots = {name: v.at[at].set(upd[name], mode="drop") for name, v in slots.items()}
+        out["stats"] = out["stats"].at[0].add(1)
+        return slots, out, nxt + jnp.sum(fresh & valid).astype(jnp.int32), cache
+
+    def decode_with(i, size):
+        def step(carry):
+            slots, out, nxt, cache = carry
+            busy = slots["phase"] == 2
+            idx = (jnp.arange(k, dtype=jnp.int32) if size == k
+                   else jnp.nonzero(busy, size=size, fill_value=k)[0].astype(jnp.int32))
+            safe = jnp.clip(idx, 0, k - 1)
+            live = (idx < k) & busy[safe]
+            rows, pos = slots["row"][safe], slots["len"][safe]
+            steps = slots["step"][safe]
+
+            def write(cc, kk, vv):
+                at = jnp.where(live, idx, k)  # idle rows write nowhere
+                return {"k": cc["k"].at[at, pos].set(kk[:, 0].astype(cdt), mode="drop"),
+                        "v": cc["v"].at[at, pos].set(vv[:, 0].astype(cdt), mode="drop")}
+
+            def attend(q, cc):
+                return ragged_attention(q, cc["k"], cc["v"], None if size == k else safe,
+                                        pos[:, None],
+                                        jnp.where(live, pos + 1, 0), block=blk)
+
+            hidden, cache = _forward(model, slots["prev"][safe][:, None], pos[:, None], cache,
+                                     write, attend)
+            logits = _unembed(model, w, hidden[:, 0])
+            tok, logp = sample(logits, keys_of(rows, steps))
+            out, done = emit(out, rows, steps, tok, logp, live)
+            at = jnp.where(live, idx, k)
+            upd = dict(row=jnp.where(done, -1, rows), phase=jnp.where(done, 0, 2),
+                       len=pos + 1, step=steps + 1, prev=tok)
+            slots = {name: v.at[at].set(upd[name], mode="drop") for name, v in slots.items()}
+            out["stats"] = out["stats"].at[1 + i].add(1)
+            return slots, out, nxt, cache
+        return step
+
+    sizes = tuple(o.decode_sizes)
+    steps_by_size = [decode_with(i, z) for i, z in enumerate(sizes)]
+
+    def need_prefill(carry):
+        # Refill free slots once min(mp, pending) of them are free (or nothing decodes):
+        # one batched prefill instead of mp single-row ones, for a slot idle a few steps.
+        slots, _, nxt, _ = carry
+        ph = slots["phase"]
+        n_free, pending = jnp.sum(ph == 0), b - nxt
+        batch = (n_free >= jnp.minimum(mp, pending)) | ~jnp.any(ph == 2)
+        return jnp.any(ph == 1) | ((n_free > 0) & (pending > 0) & batch)
+
+    def cond(carry):
+        slots, _, nxt, _ = carry
+        return (nxt < b) | jnp.any(slots["phase"] > 0)
+
+    # Nested while loops, not lax.cond / switch: a conditional over the carry makes XLA
+    # (CPU at least) copy the whole KV cache every iteration; loops update it in place.
+    def body(carry):
+        carry = jax.lax.while_loop(need_prefill, prefill, carry)
+        for i, step in enumerate(steps_by_size):
+            lo = sizes[i + 1] if i + 1 < len(sizes) else 0
+
+            def run(c, lo=lo, hi=sizes[i]):
+                n_busy = jnp.sum(c[0]["phase"] == 2)
+                return ~need_prefill(c) & (n_busy > lo) & (n_busy <= hi)
+
+            carry = jax.lax.while_loop(run, step, carry)
+        return carry
+
+    carry = (slots, out, jnp.asarray(0, jnp.int32), cache)
+    _, out, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out["tokens"], out["lengths"], out["logps"], out["stats"]
+
+
+STATIC_ARGNUMS = (0, 1)
+engine_jit = jax.jit(engine_decode, static_argnums=STATIC_ARGNUMS)
+
+
+def sharded_engine_fn(mesh, axes=("data", "fsdp")):
+    """An ``engine_fn`` for ``generate`` that runs one engine per batch shard: the rows
+    split over ``axes`` of ``mesh`` (contiguous blocks), each device decodes its rows
+    with its own ceil(K / shards) slots and its own loop (no cross-device sync per
+    token), keys from the global row indices (so the same tokens as on one device).
+    Weights enter replicated (pass ``decode_model``'s copy; a TP split is gathered at
+    entry). Batches that do not divide the shards use ``engine_jit``.
+    """
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    rows = P(axes if len(axes) > 1 else (axes[0] if axes else None))
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def run(graphdef, options, state, prompts, prompt_len, budgets, key, temperature, top_p,
+            eos_ids, row_ids):
+        body = functools.partial(engine_decode, graphdef, options)
+        return jax.shard_map(
+            body, mesh=mesh, check_vma=False,
+            in_specs=(P(), rows, rows, rows, P(), P(), P(), P(), rows),
+            out_specs=(rows, rows, rows, rows))(
+                state, prompts, prompt_len, budgets, key, temperature, top_p, eos_ids, row_ids)
+
+    def fn(graphdef, options, state, prompts, *rest):
+        b = prompts.shape[0]
+        if shards == 1 or b % shards:
+            return engine_jit(graphdef, options, state, prompts, *rest)
+        local = dataclasses.replace(
+            options, max_concurrent=-(-options.max_concurrent // shards),
+            decode_sizes=default_decode_sizes(-(-options.max_concurrent // shards)),
+            prefill_rows=max(1, -(-options.prefill_rows // shards)))
+        return run(graphdef, local, state, prompts, *rest, jnp.arange(b, dtype=jnp.int32))
+
+    return fn
+
+
+def right_align(ids: np.ndarray, mask: np.ndarray, chunk: int, pad_id: int):
+    """Left-padded (ids, mask) [B, P0] -> prompts i32[B, P] with each row's tokens at
+    [0, len) (P = longest rounded up to a multiple of ``chunk``), lengths i32[B]."""
+    lens = mask.sum(1).astype(np.int32)
+    width = max(chunk, -(-int(lens.max()) // chunk) * chunk)
+    out = np.full((ids.shape[0], width), pad_id, np.int32)
+    for i, (row, n) in enumerate(zip(ids, lens)):
+        out[i, :n] = row[ids.shape[1] - n:]
+    return out, lens
+
+
+def engine_kwargs(rollout_config) -> dict:
+    """generate() keywords from a ``rollout`` config block: max_concurrent (0 -> None,
+    the static batch), prefill_chunk, kv_block (their defaults where the block lacks them)."""
+    get = rollout_config.get
+    k = int(get("max_concurrent", 0) or 0)
+    return dict(max_concurrent=k if k > 0 else None,
+                prefill_chunk=int(get("prefill_chunk", 512)), kv_block=int(get("kv_block", 256)))
+
+
+def decode_model(model: nnx.Module, mesh=None) -> nnx.Module:
+    """The decode copy of a model, made once per rollout: float params cast to the compute
+    dtype (``model.dtype``), and params placed on a mesh (``NamedSharding``; ``mesh``
+    overrides theirs) resharded so that only tensor-parallel ("tensor") splits remain:
+    the FSDP / data splits of the training state are gathered ONCE here, not per decoded
+    token. Free it (drop the reference) after the rollout. Returns ``model`` itself when
+    nothing changes (compute-dtype params, no FSDP / data splits).
+    """
+    graphdef, state = nnx.split(model)
+    dt = jnp.dtype(model.dtype)
+
+    def tp_only(x):
+        sh = getattr(x, "sharding", None)
+        if not isinstance(sh, jax.sharding.NamedSharding):
+            return None
+        keep = []
+        for axes in sh.spec:
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            names = tuple(a for a in names if a == "tensor")
+            keep.append(names[0] if names else None)
+        return jax.sharding.NamedSharding(mesh if mesh is not None else sh.mesh,
+                                          jax.sharding.PartitionSpec(*keep))
+
+    changed = False
+
+    def convert(x):
+        nonlocal changed
+        if not isinstance(x, jax.Array):
+            return x
+        y = x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
+        target = tp_only(x)
+        if target is not None and not x.sharding.is_equivalent_to(target, x.ndim):
+            y = jax.device_put(y, target)
+        changed |= y is not x
+        return y
+
+    new = jax.tree.map(convert, state)
+    return nnx.merge(graphdef, new) if changed else model

@@ -1,0 +1,208 @@
+"""Continuous-batching rollout engine (generate(max_concurrent=K)): greedy parity with
+Hugging Face generate per prompt, the same sampled responses for every K (and the static
+batch), log-probs equal teacher-forced ones, stop tokens, per-prompt budgets, an empty
+queue (K > B), one prompt, chunked prefill and multi-block ragged attention.
+
+Small prefill chunks and kv blocks (8) make the 17-token prompt take 3 prefill chunks and
+the attention loop run over several blocks. Each (B, K, sampling flags) is one compile.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from espo_jax.models import from_pretrained
+from espo_jax.rollout import engine, generate
+
+VOCAB = 97
+PAD = 0
+PROMPTS = [[5, 17, 3, 44, 9], [8, 1, 66, 23, 11, 90, 2, 35, 70, 12, 41], [7],
+           [13, 26, 39, 52, 65, 78, 91, 4, 17, 30, 43, 56, 69, 82, 95, 8, 21]]
+N = 12
+SMALL = dict(prefill_chunk=8, kv_block=8)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, initializer_range=0.2,  # peaky logits: no argmax near-ties
+        bos_token_id=None, eos_token_id=None, pad_token_id=PAD)
+    hf = transformers.Qwen3ForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("qwen3_tiny_engine")
+    hf.save_pretrained(path)
+    return hf, from_pretrained(path, dtype=jnp.float32), path
+
+
+def hf_greedy_one(hf, prompt, max_new_tokens, eos_id):
+    """HF generate on ONE prompt (no padding at all): its new tokens, up to the stop."""
+    with torch.inference_mode():
+        out = hf.generate(input_ids=torch.tensor([prompt]), do_sample=False,
+                          max_new_tokens=max_new_tokens, pad_token_id=PAD, eos_token_id=eos_id)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_continuous_batching_equals_hf_per_prompt(models):
+    hf, model, _ = models
+    free = [hf_greedy_one(hf, p, N, None) for p in PROMPTS]
+    eos = free[0][3]  # a stop token that occurs mid-sequence in some rows
+    budgets = [N, 5, N, 9]
+    ro = generate(model, PROMPTS, max_new_tokens=budgets, temperature=0.0,
+                  key=jax.random.key(0), eos_id=eos, max_concurrent=3, **SMALL)
+    tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
+    assert tokens.shape == (4, N) and ro.tokens.dtype == jnp.int32
+    for i, p in enumerate(PROMPTS):
+        ref = hf_greedy_one(hf, p, budgets[i], eos)
+        assert int(ro.lengths[i]) == len(ref) <= budgets[i]
+        assert tokens[i, :len(ref)].tolist() == ref
+        assert (tokens[i, len(ref):] == PAD).all()
+        np.testing.assert_array_equal(mask[i], np.arange(N) < len(ref))
+    assert any(int(ro.lengths[i]) < budgets[i] for i in range(4))  # the stop token acted
+    assert int(ro.lengths[1]) == 5  # the per-prompt budget acted
+    # Prompts come back left-padded as from the static sampler.
+    for row, p in zip(np.asarray(ro.prompt_tokens), PROMPTS):
+        assert row[-len(p):].tolist() == p and (row[:-len(p)] == PAD).all()
+    assert (np.asarray(ro.logprobs)[mask == 0] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def sampled(models):
+    """The same sampled rollout from the static batch and K = 1, 3, 16 (> B = 12)."""
+    _, model, _ = models
+    kw = dict(max_new_tokens=N, temperature=0.7, key=jax.random.key(3), eos_id=[1, 2, 3],
+              num_samples=3)
+    return {k: generate(model, PROMPTS, max_concurrent=k, **SMALL, **kw)
+            for k in (None, 1, 3, 16)}
+
+
+def test_sampled_responses_identical_for_every_k(sampled):
+    ref = sampled[None]
+    lengths = np.asarray(ref.lengths)
+    assert lengths.min() < N and lengths.max() == N  # ragged: stops and full-length rows
+    assert len(set(map(tuple, np.asarray(ref.tokens).tolist()))) > 6  # draws differ
+    for k in (1, 3, 16):
+        got = sampled[k]
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+        np.testing.assert_array_equal(np.asarray(got.lengths), lengths)
+        np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(ref.mask))
+        np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_engine_logprobs_equal_teacher_forced(models, sampled):
+    _, model, _ = models
+    ro = sampled[3]
+    ids = jnp.concatenate([ro.prompt_tokens, ro.tokens], axis=1)
+    mask = jnp.concatenate([ro.prompt_mask, ro.mask.astype(jnp.int32)], axis=1)
+    logits = nnx.jit(lambda m, i, a: m(i, attention_mask=a))(model, ids, mask)
+    plen = ro.prompt_tokens.shape[1]
+    logp = jax.nn.log_softmax(logits[:, plen - 1:-1] / 0.7, axis=-1)
+    ref = jnp.take_along_axis(logp, ro.tokens[..., None], axis=-1)[..., 0]
+    m = np.asarray(ro.mask)
+    np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(ref) * m, rtol=1e-4,
+                               atol=1e-4)
+    assert (np.asarray(ro.logprobs) <= 0).all()
+
+
+def test_one_prompt_and_first_token_stop(models):
+    hf, model, _ = models
+    p = PROMPTS[3]  # 17 tokens: three prefill chunks of 8
+    ref = hf_greedy_one(hf, p, N, None)
+    unused = next(t for t in range(1, VOCAB) if t not in ref)  # same stop-list shape: 1 compile
+    ro = generate(model, [p], max_new_tokens=N, temperature=0.0, key=jax.random.key(0),
+                  eos_id=unused, max_concurrent=4, **SMALL)
+    assert np.asarray(ro.tokens)[0].tolist() == ref and int(ro.lengths[0]) == N
+    # The first token is a stop token: the row ends in its prefill step (length 1).
+    ro = generate(model, [p], max_new_tokens=N, temperature=0.0, key=jax.random.key(0),
+                  eos_id=ref[0], max_concurrent=4, **SMALL)
+    assert int(ro.lengths[0]) == 1
+    assert np.asarray(ro.tokens)[0].tolist() == ref[:1] + [PAD] * (N - 1)
+
+
+def test_engine_bad_input(models):
+    _, model, _ = models
+    kw = dict(temperature=1.0, key=jax.random.key(0), eos_id=None)
+    with pytest.raises(ValueError, match="max_concurrent"):
+        generate(model, [[1]], max_new_tokens=4, max_concurrent=0, **kw)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        generate(model, [[1]], max_new_tokens=4, max_concurrent=2, prefill_chunk=6, **kw)
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(model, [[1], [2]], max_new_tokens=[4], max_concurrent=2, **kw)
+    with pytest.raises(ValueError, match=r"max_new_tokens must be >= 1"):
+        generate(model, [[1], [2]], max_new_tokens=[4, 0], max_concurrent=2, **kw)
+    with pytest.raises(ValueError, match=r"prompt 1 has 2 tokens \+ max_new_tokens=63"):
+        generate(model, [[1], [2, 3]], max_new_tokens=[4, 63], max_concurrent=2, **kw)
+
+
+def test_drain_sizes():
+    assert engine.default_decode_sizes(16) == (16, 4, 1)
+    assert engine.default_decode_sizes(8) == (8, 2, 1)
+    assert engine.default_decode_sizes(4) == (4,)
+    assert engine.default_decode_sizes(3) == (3,)
+    assert engine.default_decode_sizes(1) == (1,)
+
+
+@pytest.mark.parametrize("method", ["gumbel", "inverse_cdf"])
+def test_sample_rows_distribution(method):
+    """Two-level Gumbel-max and inverse CDF: frequencies match the probabilities (across
+    block boundaries, V = 600 > 256), zero-probability tokens are never drawn, and the
+    log-prob is that of the drawn token."""
+    from espo_jax.rollout.sampling import sample_rows
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(600, 0.3))
+    probs[probs < 1e-3] = 0.0
+    probs /= probs.sum()
+    n = 10000
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(n))
+    logits = jnp.log(jnp.asarray(np.tile(probs, (n, 1)), jnp.float32))
+    tok, logp = jax.jit(lambda x, k: sample_rows(x, k, 1.0, method=method))(logits, keys)
+    tok = np.asarray(tok)
+    freq = np.bincount(tok, minlength=600) / n
+    assert freq[probs == 0].sum() == 0
+    # 5 binomial standard deviations per token
+    assert (np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / n) + 1e-12).all()
+    np.testing.assert_allclose(np.asarray(logp), np.log(probs[tok]), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_decode_weights_same_tokens(models, sampled):
+    """An FSDP x TP model on 8 CPU devices: decode_model gathers the FSDP splits once
+    (TP splits stay) and the engine samples the same tokens as on one device."""
+    from jax.sharding import PartitionSpec as P
+
+    from espo_jax.rollout.engine import decode_model
+    from espo_jax.train.mesh import make_mesh
+
+    _, _, path = models
+    mesh = make_mesh(dict(data=1, fsdp=4, tensor=2))
+    sharded = from_pretrained(path, dtype=jnp.float32, mesh=mesh)
+    q = sharded.layers[0].self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == P("fsdp", "tensor")
+    dec = decode_model(sharded)
+    for leaf in jax.tree.leaves(nnx.state(dec)):
+        assert "fsdp" not in str(leaf.sharding.spec)
+    assert dec.layers[0].self_attn.q_proj.kernel[...].sharding.spec == P(None, "tensor")
+    ro = generate(dec, PROMPTS, max_new_tokens=N, temperature=0.7, key=jax.random.key(3),
+                  eos_id=[1, 2, 3], num_samples=3, max_concurrent=3, **SMALL)
+    np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(sampled[3].tokens))
+    np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(sampled[3].logprobs),
+                               rtol=1e-5, atol=1e-5)
+    # One engine per batch shard (data x fsdp = 4 shards of 3 rows): the same tokens.
+    from espo_jax.rollout.engine import sharded_engine_fn
+
+    ro = generate(dec, PROMPTS, max_new_tokens=N, temperature=0.7, key=jax.random.key(3),
+                  eos_id=[1, 2, 3], num_samples=3, max_concurrent=3, **SMALL,
+                  engine_fn=sharded_engine_fn(make_mesh(dict(data=2, fsdp=2, tensor=2))))
+    assert ro.tokens.sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(sampled[3].tokens))
+    np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(sampled[3].logprobs),
+                               rtol=1e-5, atol=1e-5)
+    # compute dtype copy: a bf16-compute model with f32 masters gets bf16 decode weights
+    bf = decode_model(from_pretrained(path, dtype=jnp.bfloat16))
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(nnx.state(bf, nnx.Param)))
