@@ -103,3 +103,20 @@ def test_dry_run_rejects_a_plan_longer_than_the_model(capsys, tmp_path, model_di
     code, _, err = run_cli(capsys, f"--workdir={tmp_path / 'wd'}", "--dry_run",
                            f"--config.model.path={model_dir}", "--config.plan.devices=4")
     assert code == 2 and "plan.devices=4" in err and "xla_force_host_platform" in err, err
+
+
+def test_dry_run_rollout_entry_follows_max_concurrent(capsys, tmp_path, model_dir):
+    """With rollout.max_concurrent the rollout entry is each device's continuous-batching
+    engine: its KV cache is sized by the slots in flight, not by the rollout batch."""
+    temps = {}
+    for k in (0, 2):
+        wd = tmp_path / f"wd{k}"
+        code, _, err = run_cli(capsys, f"--workdir={wd}", "--dry_run",
+                               f"--config.model.path={model_dir}", "--config.plan.prompt_len=20",
+                               "--config.plan.response_len=64", "--config.log.tensorboard=False",
+                               "--config.rollout.prompts_per_step=8",
+                               f"--config.rollout.max_concurrent={k}")
+        assert code == 0, err
+        plan = json.loads((wd / "memory_plan.json").read_text())
+        temps[k] = plan["per_device"]["rollout"]["temp"]
+    assert 0 < temps[2] < temps[0], temps

@@ -12,7 +12,8 @@ configured shapes on the configured mesh, compiles (``jit(...).lower(...).compil
 * ``train_step``: one optimizer update on one minibatch (prompts_per_step * group_size /
   num_minibatches rows) with its micro-batches, the state donated;
 * ``score``: the scoring pass (old log-probs + entropy) over the whole rollout batch;
-* ``rollout``: the KV-cache sampler (``espo_jax.rollout.decode``) over the rollout batch,
+* ``rollout``: the KV-cache sampler over the rollout batch (``espo_jax.rollout.decode``, or
+  with ``rollout.max_concurrent`` > 0 each device's continuous-batching engine),
   with the compute-dtype copy of the params the loop samples with;
 
 and prints XLA's per-device memory for each (arguments, temporaries, outputs, total =
@@ -184,8 +185,8 @@ def build(config, mesh, num_layers: int | None = None) -> dict:
     from espo_jax.rollout import STATIC_ARGNUMS, decode  # noqa: PLC0415
 
     decode_jit = jax.jit(decode, static_argnums=STATIC_ARGNUMS,
-                         in_shardings=(None, rows, rows, None, None, None, None),
-                         out_shardings=(rows, rows, rows))
+                         in_shardings=(None, rows, rows, None, None, None, None, rows),
+                         out_shardings=rows)  # 3 outputs, or 4 for MoE
     return dict(cfg=cfg, model=model, sampler=sampler, tx=tx, shardings=sh, rows=rows,
                 score=mesh_lib.under_mesh(score, mesh), train_step=mesh_lib.under_mesh(step, mesh),
                 decode=decode_jit, with_ref=with_ref)
@@ -258,7 +259,8 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
-    from espo_jax.rollout import DecodeOptions  # noqa: PLC0415
+    from espo_jax.rollout import DecodeOptions, bucket_length, engine  # noqa: PLC0415
+    from espo_jax.rollout.engine import engine_kwargs  # noqa: PLC0415
     from espo_jax.train import mesh as mesh_lib  # noqa: PLC0415
 
     b = build(config, mesh, num_layers)
@@ -282,16 +284,42 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
                                                 mesh_lib.param_shardings(abs_state, mesh))
         out["_sampler"] = _bytes_per_device(sampler_state)
         r = config.rollout
-        opts = DecodeOptions(max_new_tokens=shapes.response_len, top_k=int(r.top_k),
-                             greedy=False, use_top_p=bool(float(r.top_p) < 1.0), pad_id=0)
-        batch = abstract_batch(config, b, shapes.rollout_rows, shapes, train=False)
         rep = mesh_lib.replicated(mesh)
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
         key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
         key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
         eos = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep)
-        c, s = _timed(b["decode"], graphdef, opts, sampler_state, batch["prompt_tokens"],
-                      batch["prompt_mask"], key, scalar, scalar, eos)
+        ek = engine_kwargs(r)
+        if ek["max_concurrent"] is None:  # one static batch of all rollout rows
+            opts = DecodeOptions(max_new_tokens=shapes.response_len, top_k=int(r.top_k),
+                                 greedy=False, use_top_p=bool(float(r.top_p) < 1.0), pad_id=0)
+            batch = abstract_batch(config, b, shapes.rollout_rows, shapes, train=False)
+            budgets = jax.ShapeDtypeStruct((shapes.rollout_rows,), jnp.int32,
+                                           sharding=b["rows"])
+            c, s = _timed(b["decode"], graphdef, opts, sampler_state, batch["prompt_tokens"],
+                          batch["prompt_mask"], key, scalar, scalar, eos, budgets)
+        else:
+            # Continuous batching: each device runs its own engine over its rows with
+            # ceil(K / shards) slots (``engine.sharded_engine_fn``), weights replicated
+            # (``engine.decode_model``): compile that per-device program.
+            shards = mesh_lib.batch_divisor(mesh)
+            k = -(-ek["max_concurrent"] // shards)
+            rows = max(1, shapes.rollout_rows // shards)
+            chunk = min(ek["prefill_chunk"], shapes.prompt_len)
+            width = -(-shapes.prompt_len // chunk) * chunk
+            opts = engine.EngineOptions(
+                max_new_tokens=shapes.response_len, max_concurrent=k, prefill_chunk=chunk,
+                kv_block=min(ek["kv_block"], bucket_length(width + shapes.response_len)),
+                decode_sizes=engine.default_decode_sizes(k), top_k=int(r.top_k),
+                use_top_p=bool(float(r.top_p) < 1.0), prefill_rows=max(1, k // 4))
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            local = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                                 abs_state)
+            out["_sampler"] = _bytes_per_device(local)
+            i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=one)  # noqa: E731
+            dev = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one)  # noqa: E731
+            c, s = _timed(engine.engine_jit, graphdef, opts, local, i32(rows, width),
+                          i32(rows), i32(rows), dev(key), dev(scalar), dev(scalar), dev(eos))
         out["rollout"] = dict(memory(c), compile_s=s)
     out["_cfg"] = b["cfg"]
     return out
