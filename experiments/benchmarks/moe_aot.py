@@ -9,9 +9,9 @@ compile only, by a stand-in with a grouped kernel's buffers (output [rows, F], w
 gradient [E, D, F]: `lhs @ mean_e(rhs)`); the temporaries are then an estimate of what a
 GPU/TPU grouped kernel needs, to be confirmed on the accelerator.
 
-ESPO_AOT_REMAT=0 compiles without per-layer remat: on jax 0.10.2 CPU the temporaries came
-out identical (22.9 / 40.9 GiB for 1 / 2 layers at 8k tokens), i.e. remat did not bound
-them here; an open lead.
+ESPO_AOT_REMAT=0 compiles without per-layer remat. The compile uses the dry run's XLA:CPU
+options (memory-optimised scheduler: the default CPU scheduler keeps rematerialised
+activations alive, so remat looked like it saved nothing).
 
 Abstract shapes only (no weights). Compiling all 48 layers is slow on a small CPU, so by
 default 1 and 2 layers are compiled and the per-layer increase is extrapolated linearly to
@@ -56,7 +56,7 @@ def compile_step(layers: int, tokens: int, prompt: int, devices: int, expert: in
 
     cfg = ModelConfig.from_hf(dict(QWEN3_30B_A3B, num_hidden_layers=layers),
                               remat=os.environ.get("ESPO_AOT_REMAT", "1") == "1",
-                              attention_impl="chunked", attention_chunk=1024)
+                              attention_impl="blockwise", attention_chunk=512)
     mesh = make_mesh(dict(data=1, fsdp=devices // expert, tensor=1, expert=expert))
     init = lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype="bfloat16", param_dtype="float32")  # noqa: E731
     abstract_model = nnx.eval_shape(init)
@@ -72,8 +72,9 @@ def compile_step(layers: int, tokens: int, prompt: int, devices: int, expert: in
              graphdef=graphdef, b_sh=b_sh, TrainState=TrainState)
     state, data = g.abstract_inputs(b, devices, prompt, tokens - prompt)
     t0 = time.perf_counter()
+    from espo_jax.train.dry_run import _CPU_COMPILE_OPTIONS  # the dry run's CPU scheduler
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, data).compile()
+        compiled = step.lower(state, data).compile(compiler_options=_CPU_COMPILE_OPTIONS)
     mem = compiled.memory_analysis()
     return dict(args=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
                 params=g.count_params(abs_params), compile_s=time.perf_counter() - t0)
@@ -98,7 +99,7 @@ def main(argv=None):
     gib = 2**30
     print(f"Qwen3-30B-A3B-shaped ESPO train step, mesh expert={a.expert} x "
           f"fsdp={a.devices // a.expert} ({a.devices} simulated devices), 1 sequence per device, "
-          "bf16 compute, f32 masters + AdamW, remat per layer, chunked attention")
+          "bf16 compute, f32 masters + AdamW, remat per layer, blockwise attention")
     print(f"{'tokens/seq':>10}{'params B':>10}{'args GiB':>10}{'temp GiB':>10}{'total GiB':>11}"
           f"{'compile s':>11}")
     for t in a.tokens:
