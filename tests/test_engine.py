@@ -11,33 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import nnx
 
+from _hf_reference import PROMPTS, tiny_qwen3
 from espo_jax.models import from_pretrained
 from espo_jax.rollout import engine, generate
 
 VOCAB = 97
 PAD = 0
-PROMPTS = [[5, 17, 3, 44, 9], [8, 1, 66, 23, 11, 90, 2, 35, 70, 12, 41], [7],
-           [13, 26, 39, 52, 65, 78, 91, 4, 17, 30, 43, 56, 69, 82, 95, 8, 21]]
 N = 12
 SMALL = dict(prefill_chunk=8, kv_block=8)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, initializer_range=0.2,  # peaky logits: no argmax near-ties
-        bos_token_id=None, eos_token_id=None, pad_token_id=PAD)
-    hf = transformers.Qwen3ForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("qwen3_tiny_engine")
-    hf.save_pretrained(path)
-    return hf, from_pretrained(path, dtype=jnp.float32), path
+    return tiny_qwen3(tmp_path_factory.mktemp("qwen3_tiny_engine"), vocab=VOCAB, pad=PAD)
 
 
 def hf_greedy_one(hf, prompt, max_new_tokens, eos_id):

@@ -11,6 +11,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from _hf_reference import hf_logits, left_padded_batch  # noqa: E402
 from espo_jax.models import (Decoder, ModelConfig, from_pretrained,  # noqa: E402
                              save_pretrained)
 
@@ -43,21 +44,7 @@ def make_hf(case, seed=0):
 
 
 def batch():
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, V, (B, T)).astype(np.int32)
-    mask = np.ones((B, T), np.int32)
-    mask[1, :PAD] = 0  # left padding
-    ids[1, :PAD] = 0
-    return ids, mask
-
-
-def hf_logits(model, ids, mask):
-    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids, dtype=torch.long),
-                    attention_mask=torch.tensor(mask, dtype=torch.long),
-                    position_ids=torch.tensor(pos, dtype=torch.long))
-    return out.logits.float().numpy()
+    return left_padded_batch(V, B, T, PAD)
 
 
 @nnx.jit

@@ -99,6 +99,17 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.attention_chunk = cfg.attention_chunk
 
+    def project_qkv(self, x, positions, inv_freq):
+        """(q [B,T,H,hd], k, v [B,T,K,hd]): projections, q/k norms (Qwen3) and RoPE. Also
+        the rollout engine's decode step (``espo_jax.rollout.engine``)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
     def __call__(self, x, positions, segment_ids, inv_freq, cache=None, cache_index=None,
                  kv_segment_ids=None, impl="dense"):
         """x [B,T,D]; positions, segment_ids i32[B,T]; impl: a resolved (non-auto) name.
@@ -108,13 +119,7 @@ class Attention(nnx.Module):
         Returns (y, cache).
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q, k, v = self.project_qkv(x, positions, inv_freq)
         if cache is not None:
             idx = (0, cache_index, 0, 0)
             ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)

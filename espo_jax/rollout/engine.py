@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from espo_jax.models.layers import apply_rope, rope_inv_freq
+from espo_jax.models.layers import rope_inv_freq
 from espo_jax.rollout.kv_attention import ragged_attention
 from espo_jax.rollout.sampling import sample_rows
 
@@ -105,13 +105,7 @@ def _forward(model, ids, positions, cache, write, attend):
     for layer, c in zip(model.layers, cache):
         a = layer.self_attn
         h = layer.input_layernorm(x)
-        q = a.q_proj(h).reshape(m, t, cfg.num_heads, cfg.head_dim)
-        k = a.k_proj(h).reshape(m, t, cfg.num_kv_heads, cfg.head_dim)
-        v = a.v_proj(h).reshape(m, t, cfg.num_kv_heads, cfg.head_dim)
-        if a.q_norm is not None:
-            q, k = a.q_norm(q), a.k_norm(k)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q, k, v = a.project_qkv(h, positions, inv_freq)
         c = write(c, k, v)
         o = attend(q, c)
         x = x + a.o_proj(o.reshape(m, t, -1))
