@@ -81,6 +81,7 @@ def test_bf16_compute_lr_1e6_moves_the_weights(rollout_batch, tmp_path, param_dt
     after = np.asarray(from_pretrained(str(tmp_path / "out"), dtype="float32")
                        .layers[0].self_attn.q_proj.kernel.get_value())
     moved = float(np.mean(after != before))
+    print(f"[numerics] param_dtype={param_dtype}: {moved:.1%} of q_proj moved")
     assert moved_min <= moved <= moved_max, moved
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg.get("torch_dtype", cfg.get("dtype")) == "float32"
