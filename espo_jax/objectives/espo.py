@@ -92,22 +92,32 @@ def espo(batch, *, grouping, top_fraction, num_groups, entropy_edges, token_rati
     weights = aggregation.group_mean(batch, n_groups, g_size)
 
     out = metrics.base_metrics(ratio, clipped, batch)
-    out["eps_mean"] = metrics.masked_mean(eps, batch.valid)
     nonempty = (batch.lengths > 0).astype(jnp.float32)
     out["groups_per_seq"] = metrics.masked_mean(n_groups, nonempty)
-    if members is not None:
-        # Per group rank k, reusing the per-row sums: only the clip fraction needs a pass.
-        clipped_f = jax.lax.stop_gradient(clipped.astype(jnp.float32))
-        n_tokens = jnp.sum(batch.lengths)
-        for k, (tok, count, mean_ent, sum_ent) in enumerate(zip(members, *per_group)):
-            if clip_mode == "adaptive":
-                eps_group = _eps(mean_ent, **eps_kw)
-            else:
-                eps_group = jnp.full_like(mean_ent, 0.5 * (clip_low + clip_high))
-            n_k = jnp.sum(count)
-            # Ratios of sums: numerators and denominators add up over micro-batches.
-            out[f"group{k}/entropy_mean"] = metrics.ratio(jnp.sum(sum_ent), n_k)
-            out[f"group{k}/eps_mean"] = metrics.masked_mean(eps_group, (count > 0).astype(jnp.float32))
-            out[f"group{k}/token_share"] = metrics.ratio(n_k, n_tokens)
-            out[f"group{k}/clip_frac"] = metrics.ratio(jnp.sum(tok * clipped_f), n_k)
+    if members is None:
+        out["eps_mean"] = metrics.masked_mean(eps, batch.valid)
+        return loss, weights, out
+    # Per group rank k, reusing the per-row sums (metrics cost more than the loss itself):
+    # eps is constant within a group, so its token mean is the count-weighted mean of the
+    # groups' eps; the last group's clipped count is the total minus the others'.
+    clipped_f = jax.lax.stop_gradient(clipped.astype(jnp.float32))
+    n_tokens = jnp.sum(batch.lengths)
+    clipped_left = out["clip_frac"].num  # all clipped valid tokens
+    eps_sum = jnp.zeros((), jnp.float32)
+    K = len(members)
+    for k, (tok, count, mean_ent, sum_ent) in enumerate(zip(members, *per_group)):
+        if clip_mode == "adaptive":
+            eps_group = _eps(mean_ent, **eps_kw)
+        else:
+            eps_group = jnp.full_like(mean_ent, 0.5 * (clip_low + clip_high))
+        n_k = jnp.sum(count)
+        eps_sum = eps_sum + jnp.sum(eps_group * count)
+        clipped_k = clipped_left if k == K - 1 else jnp.sum(tok * clipped_f)
+        clipped_left = clipped_left - clipped_k
+        # Ratios of sums: numerators and denominators add up over micro-batches.
+        out[f"group{k}/entropy_mean"] = metrics.ratio(jnp.sum(sum_ent), n_k)
+        out[f"group{k}/eps_mean"] = metrics.masked_mean(eps_group, (count > 0).astype(jnp.float32))
+        out[f"group{k}/token_share"] = metrics.ratio(n_k, n_tokens)
+        out[f"group{k}/clip_frac"] = metrics.ratio(clipped_k, n_k)
+    out["eps_mean"] = metrics.ratio(eps_sum, n_tokens)
     return loss, weights, out
