@@ -98,12 +98,13 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
              "--config.<key>=<value>, --debug, --dry_run")
     if "verbosity" in fv and not fv["verbosity"].present:  # orbax logs every save at INFO; -v 0 for it
         logging.set_verbosity(logging.WARNING)
-    from espo_jax.train import run  # noqa: PLC0415  (after flags: keep --help fast)
+    # Imported after the flags (keeps --help fast): the dry run or the training loop.
     from espo_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
     from espo_jax.train.loop import NonFiniteError  # noqa: PLC0415
-
     if "dry_run" in fv and fv["dry_run"].value:
-        from espo_jax.train.dry_run import run  # noqa: PLC0415,F811
+        from espo_jax.train.dry_run import run  # noqa: PLC0415
+    else:
+        from espo_jax.train import run  # noqa: PLC0415
     try:
         run(fv["config"].value, fv["workdir"].value)
     except NonFiniteError as e:

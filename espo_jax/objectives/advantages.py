@@ -1,8 +1,6 @@
 """Group-relative advantages. B = prompts x G, the G responses of a prompt consecutive."""
 from __future__ import annotations
 
-from typing import Optional
-
 import jax.numpy as jnp
 
 from espo_jax.objectives.aggregation import safe_inverse

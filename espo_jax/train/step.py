@@ -20,7 +20,7 @@ distribution the sampler drew from), never materialising [B,T,V].
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

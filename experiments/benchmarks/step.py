@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import json
 import pathlib
-import sys
 import tempfile
 import time
 
@@ -160,7 +159,7 @@ def main(argv=None):
           f"{c.rollout.group_size} = {b} sequences, max {c.rollout.max_new_tokens} new tokens, "
           f"{c.train.num_epochs}x{c.train.num_minibatches} updates/step; "
           f"{jax.device_count()} x {jax.devices()[0].platform}; steady steps 2..{len(steps)}")
-    print(f"| phase | s / step | share of step |\n|---|---:|---:|")
+    print("| phase | s / step | share of step |\n|---|---:|---:|")
     for p in PHASES:
         print(f"| {p} | {mean[p]:.3f} | {mean[p] / step_t:.1%} |")
     print(f"| other (rewards, host) | {other:.3f} | {other / step_t:.1%} |")
