@@ -66,6 +66,25 @@ def response_logprobs(model, prompt_tokens, prompt_mask, tokens, *, chunk_size: 
     return (*out, routing) if return_routing else out
 
 
+def packed_response_logprobs(model, pack: dict, *, chunk_size: int, temperature: float):
+    """(logp f32[B,N], entropy f32[B,N]) from packed rows (``train.packing``), equal to
+    ``response_logprobs`` where ``pack_valid`` (0 elsewhere).
+
+    pack: pack_ids / pack_segment_ids / pack_positions / pack_targets i32[R,L] (one
+    micro-batch's rows) and pack_row / pack_col i32[B,N], pack_valid bool[B,N]. The forward
+    and the log-prob op run over the R x L packed positions only; the per-token values are
+    then gathered back to [B,N].
+    """
+    ids, seg = constrain_batch(pack["pack_ids"]), constrain_batch(pack["pack_segment_ids"])
+    hidden = model.hidden_states(ids, positions=pack["pack_positions"], segment_ids=seg)
+    logp, ent = token_logprobs_and_entropy(
+        constrain_batch(hidden).astype(model.dtype), model.unembedding(),
+        pack["pack_targets"].astype(jnp.int32), chunk_size=chunk_size, temperature=temperature)
+    valid = pack["pack_valid"] != 0
+    back = lambda v: jnp.where(valid, v[pack["pack_row"], pack["pack_col"]], 0.0)  # noqa: E731
+    return back(logp), back(ent)
+
+
 def _moe_terms(routing, mb, num_experts: int, aux_coef: float):
     """(aux loss f32[], stats, load) of one micro-batch's routing (see ``make_train_step``).
 
@@ -115,23 +134,32 @@ def _num_micro(batch_size: int, micro_batch_size: int) -> int:
 
 def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_size: int = 0,
                   param_shardings=None, rest_shardings=None, batch_sharding=None) -> Callable:
-    """Jitted ``score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None) ->
-    (logp, entropy)``, f32[B,T] each, computed in micro-batches of ``micro_batch_size`` rows
-    (0 = all at once). ``routed`` i32[B,P+T,L,k]: MoE experts to replay (routing replay).
+    """Jitted ``score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None,
+    pack=None) -> (logp, entropy)``, f32[B,T] each, computed in micro-batches of
+    ``micro_batch_size`` rows (0 = all at once). ``routed`` i32[B,P+T,L,k]: MoE experts to
+    replay (routing replay). ``pack``: ``packing.pack(...).arrays()`` built for the same
+    number of micro-batches: the forward runs over packed rows (0 where a token is past the
+    sequence's last valid one).
     Use it with the reference params for ref log-probs."""
 
-    def score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None):
+    def score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None, pack=None):
         n = _num_micro(tokens.shape[0], micro_batch_size)
 
         def one(p, r, xs):
             model = nnx.merge(graphdef, p, r)
+            if xs[4] is not None:
+                if xs[3] is not None:
+                    raise ValueError("train.max_tokens_per_row > 0 (packing) does not support "
+                                     "MoE routing replay; use 0")
+                return packed_response_logprobs(model, xs[4], chunk_size=chunk_size,
+                                                temperature=temperature)
             return response_logprobs(model, *xs[:3], chunk_size=chunk_size,
                                      temperature=temperature, routed=xs[3])
 
         if n == 1:
-            return one(params, rest, (prompt_tokens, prompt_mask, tokens, routed))
-        xs = tuple(None if x is None else _split_micro(x, n)
-                   for x in (prompt_tokens, prompt_mask, tokens, routed))
+            return one(params, rest, (prompt_tokens, prompt_mask, tokens, routed, pack))
+        xs = tuple(None if x is None else jax.tree.map(lambda a: _split_micro(a, n), x)
+                   for x in (prompt_tokens, prompt_mask, tokens, routed, pack))
         # The params ride in the scan carry (not closed over), so the model is built from
         # values of the loop body's own trace level (NNX transforms such as the decoder's
         # nnx.remat refuse Variables from an outer trace).
@@ -141,7 +169,7 @@ def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_
     if param_shardings is None:
         return jax.jit(score)
     bs = batch_sharding
-    return jax.jit(score, in_shardings=(param_shardings, rest_shardings, bs, bs, bs, bs),
+    return jax.jit(score, in_shardings=(param_shardings, rest_shardings, bs, bs, bs, bs, bs),
                    out_shardings=(bs, bs))
 
 
@@ -171,9 +199,18 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
     def loss_fn(params, rest, graphdef, mb, counts, n_micro):
         model = nnx.merge(graphdef, params, rest)
         routed = mb.get("routed_experts") if routing_replay else None
-        logp, _, routing = response_logprobs(
-            model, mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"], chunk_size=chunk_size,
-            temperature=temperature, routed=routed, return_routing=True)
+        if "pack_ids" in mb:  # packed rows (train.max_tokens_per_row > 0); dense models only
+            if routed is not None or model.config.num_experts:
+                raise ValueError("train.max_tokens_per_row > 0 (packing) supports dense models "
+                                 "only; use 0 for MoE")
+            logp, _ = packed_response_logprobs(model, mb, chunk_size=chunk_size,
+                                               temperature=temperature)
+            routing = None
+        else:
+            logp, _, routing = response_logprobs(
+                model, mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"],
+                chunk_size=chunk_size, temperature=temperature, routed=routed,
+                return_routing=True)
         kw = dict(hparams)
         for key, arg in (("ref_logp", "ref_logp"), ("groups", "groups"),
                          ("is_weights", "token_weights")):
