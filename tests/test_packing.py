@@ -143,3 +143,23 @@ def test_packed_train_step_equals_unpacked(setup, objective):
     v = pk.valid
     np.testing.assert_allclose(np.asarray(lp2)[v], np.asarray(lp1)[v], rtol=1e-5, atol=1e-5)
 
+
+
+def test_validate_max_tokens_per_row():
+    import importlib.util  # noqa: PLC0415
+
+    from espo_jax.train.validate import validate  # noqa: PLC0415
+    path = pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"
+    spec = importlib.util.spec_from_file_location("cfg_default_packing", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("smoke")
+    assert c.train.max_tokens_per_row == 0
+    n = c.rollout.max_new_tokens
+    for ok in (0, n + 1, 4 * n):
+        c.train.max_tokens_per_row = ok
+        validate(c, 1, check_files=False)
+    for bad, msg in ((-1, ">= 0"), (n, f"at least {n + 1}")):
+        c.train.max_tokens_per_row = bad
+        with pytest.raises(ValueError, match=f"train.max_tokens_per_row.*{msg}"):
+            validate(c, 1, check_files=False)
