@@ -35,16 +35,18 @@ def _random_batch(rng, b, p, n, vocab=500):
 @pytest.mark.parametrize("seed", range(20))
 def test_pack_unpack_round_trip(seed):
     rng = np.random.default_rng(seed)
-    micro, dev = [(1, 1), (2, 1), (2, 2), (4, 2), (1, 4)][seed % 5]
-    b = micro * int(rng.integers(1, 6))
+    per_micro, dev = [(0, 1), (1, 1), (2, 2), (4, 2), (0, 4)][seed % 5]
+    b = int(rng.integers(1, 12))
     p, n = int(rng.integers(1, 8)), int(rng.integers(1, 12))
     prompt, pmask, tokens, mask = _random_batch(rng, b, p, n)
     budget = p + n - 1 + int(rng.integers(0, 20))
     pk = packing.pack(prompt, pmask, tokens, mask, max_tokens_per_row=budget,
-                      num_micro=micro, num_devices=dev)
+                      rows_per_micro=per_micro, num_devices=dev)
     k, last = packing.sequence_lengths(pmask, mask)
+    micro = pk.num_micro
     r = pk.ids.shape[0] // micro
     assert pk.ids.shape[0] % micro == 0 and r % dev == 0
+    assert per_micro == 0 or r == per_micro
     assert pk.ids.shape[1] <= max(budget, 16)
     # Every valid response token comes back exactly from the position that predicts it.
     np.testing.assert_array_equal(packing.unpack(pk.targets, pk, fill=-1),
@@ -54,8 +56,7 @@ def test_pack_unpack_round_trip(seed):
     for i in range(b):
         if last[i] == 0:
             continue
-        g = i % micro + micro * pk.row[i, 0]
-        assert i % micro == g % micro                   # the sequence's own micro-batch
+        g = pk.micro[i] + micro * pk.row[i, 0]
         seg = pk.segment_ids[g, pk.col[i, 0]]
         sel = pk.segment_ids[g] == seg
         want = np.concatenate([prompt[i][pmask[i] > 0], tokens[i, :last[i] - 1]])
@@ -65,9 +66,8 @@ def test_pack_unpack_round_trip(seed):
     # Rows fit the budget; the devices' token loads differ by at most the longest row.
     loads = (pk.segment_ids > 0).sum(1)
     assert loads.max(initial=0) <= budget
-    for m in range(micro):
-        per_dev = loads[m::micro].reshape(dev, -1).sum(1)
-        assert per_dev.max() - per_dev.min() <= loads.max(initial=0)
+    blocks = np.stack([loads[m::micro].reshape(dev, -1).sum(1) for m in range(micro)])
+    assert blocks.max() - blocks.min() <= loads.max(initial=0)
 
 
 def test_pack_errors_and_compaction():
@@ -101,16 +101,16 @@ def setup():
     return model, state, score, batch
 
 
-@pytest.mark.parametrize("micro", [1, 2])
-def test_packed_logprobs_equal_unpacked(setup, micro):
+@pytest.mark.parametrize("per_micro", [0, 1])
+def test_packed_logprobs_equal_unpacked(setup, per_micro):
     model, state, _, b = setup
-    score = make_score_fn(state.graphdef, chunk_size=16, temperature=0.8,
-                          micro_batch_size=B // micro)
+    score = make_score_fn(state.graphdef, chunk_size=16, temperature=0.8)
     args = (state.params, state.rest, b["prompt_tokens"], b["prompt_mask"], b["tokens"])
     lp, ent = score(*args)
     pk = packing.pack(b["prompt_tokens"], b["prompt_mask"], b["tokens"], b["mask"],
-                      max_tokens_per_row=P + N - 1, num_micro=micro)
+                      max_tokens_per_row=P + N - 1, rows_per_micro=per_micro)
     assert pk.ids.size < B * (P + N - 1)                 # fewer positions than unpacked
+    assert pk.num_micro == (1 if per_micro == 0 else pk.ids.shape[0])
     lp2, ent2 = score(*args, pack=pk.arrays())
     v = pk.valid
     np.testing.assert_allclose(np.asarray(lp2)[v], np.asarray(lp)[v], rtol=1e-5, atol=1e-5)
@@ -120,14 +120,16 @@ def test_packed_logprobs_equal_unpacked(setup, micro):
 
 @pytest.mark.parametrize("objective", ["espo", "grpo", "dapo", "gspo", "gmpo", "cispo"])
 def test_packed_train_step_equals_unpacked(setup, objective):
-    """Loss, metrics, updated params (SGD: = gradient) and log-probs agree, 2 micro-batches."""
+    """Loss, metrics, updated params (SGD: = gradient) and log-probs agree; unpacked in 2
+    micro-batches of 4 sequences, packed in micro-batches of one row (a different split)."""
     model, _, _, b = setup
     tx = optax.sgd(0.5)
     hp = {"vocab_size": model.config.vocab_size} if objective == "espo" else {}
     step = make_train_step(tx, objective, hp, chunk_size=16, temperature=0.8,
                            micro_batch_size=B // 2)
     pk = packing.pack(b["prompt_tokens"], b["prompt_mask"], b["tokens"], b["mask"],
-                      max_tokens_per_row=2 * (P + N), num_micro=2)
+                      max_tokens_per_row=P + N, rows_per_micro=1)
+    assert pk.num_micro > 1
     outs = []
     for extra in ({}, pk.arrays()):
         batch = {k: jnp.asarray(v) for k, v in {**b, **extra}.items()}

@@ -52,7 +52,7 @@ from espo_jax.train.score_phase import score_extras
 from espo_jax.train.setup import batch_axes_size, load_policy, objective_hparams
 from espo_jax.train.state import create_state, state_shardings
 from espo_jax.train import packing
-from espo_jax.train.step import _num_micro, make_score_fn, make_train_step
+from espo_jax.train.step import make_score_fn, make_train_step
 from espo_jax.train.tasks import build_task, stop_token_ids
 
 
@@ -109,12 +109,14 @@ def run(config, workdir) -> dict:
 
     def packed(arrays):
         """train.max_tokens_per_row > 0: the packed rows of a (mini)batch (``train.packing``),
-        built for the step's micro-batches and balanced over the batch devices; else None."""
+        in micro-batches of (micro-batch size) rows, balanced over micro-batches and batch
+        devices by token count; else None. A packed row costs what one unpacked sequence of
+        max_tokens_per_row tokens costs, so the micro-batch memory is unchanged."""
         if budget <= 0:
             return None
-        n_micro = _num_micro(arrays["tokens"].shape[0], micro)
+        per_micro = micro if 0 < micro < arrays["tokens"].shape[0] else 0
         return packing.pack(arrays["prompt_tokens"], arrays["prompt_mask"], arrays["tokens"],
-                            arrays["mask"], max_tokens_per_row=budget, num_micro=n_micro,
+                            arrays["mask"], max_tokens_per_row=budget, rows_per_micro=per_micro,
                             num_devices=batch_axes_size(mesh)).arrays()
     prompts = PromptSource(config=config, task=task, tokenizer=tok,
                            order=PromptOrder(len(task.train), int(config.seed)),

@@ -7,12 +7,14 @@ token j) is laid into rows of ``max_tokens_per_row`` tokens, first-fit-decreasin
 length, with per-row segment ids (1, 2, ...; 0 = padding) and per-segment positions, and
 the row length is trimmed to the bucketed longest row (``rollout.bucket_length``).
 
-Micro-batches: the train step splits a minibatch strided (micro-batch m = sequences
-m, m+M, ...; ``step._split_micro``), so each micro-batch's sequences are packed into their
-own R rows, and the packed arrays are laid out [M*R, L] in the same strided order: the
-step's split hands micro-batch m exactly its rows, and the gather indices (``row``, ``col``
-[B,N]) are local to a micro-batch. Within a micro-batch, rows are balanced over the D
-batch devices (contiguous blocks of R/D rows) by token count.
+Micro-batches: with packing, a micro-batch is ``rows_per_micro`` packed rows (as many
+micro-batches as the rows need; a row costs what one unpacked sequence of the budget
+costs, so the configured micro-batch memory holds). The rows are balanced over the
+(micro-batch, device) blocks by token count and laid out [M*R, L] in the strided order of
+``step._split_micro`` (micro-batch m = rows m, m+M, ...; each device holds a contiguous
+block of R/D rows of every micro-batch). Each sequence lies in one row, so sequence-level
+objectives see whole sequences; ``micro`` [B] says which micro-batch holds sequence b, and
+the gather indices (``row``, ``col`` [B,N]) are local to that micro-batch.
 
 Per-token outputs come back exactly: ``logp_packed[row, col]`` is sequence b's value for
 response token j where ``valid[b, j]`` (j < its last valid token + 1), 0 elsewhere.
@@ -25,8 +27,9 @@ import numpy as np
 
 from espo_jax.rollout.sampler import bucket_length
 
-KEYS = ("pack_ids", "pack_segment_ids", "pack_positions", "pack_targets", "pack_row",
-        "pack_col", "pack_valid")
+# Per packed row [M*R, L] (split into micro-batches) / per sequence [B, ...] / [M].
+ROW_KEYS = ("pack_ids", "pack_segment_ids", "pack_positions", "pack_targets")
+KEYS = ROW_KEYS + ("pack_row", "pack_col", "pack_valid", "pack_micro", "pack_micro_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +38,8 @@ class PackedBatch:
 
     ids, segment_ids, positions, targets: i32[M*R, L] (targets: the response token that
     each position predicts, 0 where none); row, col: i32[B, N] (micro-batch-local row and
-    column of the position predicting response token j of sequence b); valid: bool[B, N].
+    column of the position predicting response token j of sequence b); valid: bool[B, N];
+    micro: i32[B] (the micro-batch holding sequence b; 0 for empty sequences).
     """
     ids: np.ndarray
     segment_ids: np.ndarray
@@ -44,13 +48,16 @@ class PackedBatch:
     row: np.ndarray
     col: np.ndarray
     valid: np.ndarray
+    micro: np.ndarray
     num_micro: int
 
     def arrays(self) -> dict:
         """The batch-dict entries (``KEYS``) that the score / train step read."""
         return dict(pack_ids=self.ids, pack_segment_ids=self.segment_ids,
                     pack_positions=self.positions, pack_targets=self.targets,
-                    pack_row=self.row, pack_col=self.col, pack_valid=self.valid)
+                    pack_row=self.row, pack_col=self.col, pack_valid=self.valid,
+                    pack_micro=self.micro, pack_micro_ids=np.arange(self.num_micro,
+                                                                    dtype=np.int32))
 
     @property
     def tokens(self) -> int:
@@ -102,19 +109,23 @@ def balance(loads, num_devices: int) -> list[int]:
 
 
 def pack(prompt_tokens, prompt_mask, tokens, mask, *, max_tokens_per_row: int,
-         num_micro: int = 1, num_devices: int = 1) -> PackedBatch:
+         rows_per_micro: int = 0, num_devices: int = 1) -> PackedBatch:
     """Pack a minibatch (left-padded prompts i32[B,P] + prompt_mask, responses i32[B,N] +
     mask) into rows of ``max_tokens_per_row`` tokens; see the module docstring.
 
-    B must be a multiple of ``num_micro``; each micro-batch gets R rows (R a multiple of
-    ``num_devices``; empty rows pad). A sequence longer than the budget raises ValueError.
+    ``rows_per_micro`` > 0 (a multiple of ``num_devices``): micro-batches of that many rows,
+    as many as the rows need (M = ceil(rows / rows_per_micro)); 0: one micro-batch of all
+    rows (rounded up to a multiple of ``num_devices``). Rows are balanced over the M x D
+    (micro-batch, device) blocks by token count; empty rows pad. A sequence longer than
+    the budget raises ValueError naming train.max_tokens_per_row.
     """
     prompt_tokens, tokens = np.asarray(prompt_tokens), np.asarray(tokens)
     b, p = prompt_tokens.shape
     n_max = tokens.shape[1]
-    budget = int(max_tokens_per_row)
-    if b % num_micro:
-        raise ValueError(f"batch of {b} sequences does not split into {num_micro} micro-batches")
+    budget, d = int(max_tokens_per_row), int(num_devices)
+    if rows_per_micro % d:
+        raise ValueError(f"micro-batches of {rows_per_micro} packed rows do not split over "
+                         f"{d} batch devices")
     k, n = sequence_lengths(prompt_mask, mask)
     if np.any((n > 0) & (k == 0)):
         raise ValueError("packing needs at least one real prompt token per sequence")
@@ -123,44 +134,43 @@ def pack(prompt_tokens, prompt_mask, tokens, mask, *, max_tokens_per_row: int,
         raise ValueError(f"train.max_tokens_per_row={budget} is shorter than a sequence of "
                          f"{int(length.max())} tokens (prompt + response - 1); "
                          f"use >= {p + n_max - 1} or 0 (packing off)")
-    micro_rows = []
-    for m in range(num_micro):
-        seqs = list(range(m, b, num_micro))
-        bins = first_fit_decreasing([int(length[i]) for i in seqs], budget)
-        micro_rows.append([[seqs[j] for j in bn] for bn in bins])
-    r = max(1, max(len(rows) for rows in micro_rows))
-    r = -(-r // num_devices) * num_devices
-    longest = max((sum(int(length[i]) for i in row) for rows in micro_rows for row in rows),
-                  default=1)
+    rows = first_fit_decreasing([int(x) for x in length], budget)
+    per_micro = rows_per_micro or max(d, -(-len(rows) // d) * d)
+    m_count = max(1, -(-len(rows) // per_micro))
+    rows = rows + [[] for _ in range(m_count * per_micro - len(rows))]
+    loads = [sum(int(length[i]) for i in rw) for rw in rows]
+    order = balance(loads, m_count * d)                # M*D blocks of per_micro / d rows
+    cap = per_micro // d
+    longest = max(max(loads), 1)
     width = min(bucket_length(longest), max(budget, longest))
-    shape = (num_micro * r, width)
+    shape = (m_count * per_micro, width)
     ids, seg, pos, tgt = (np.zeros(shape, np.int32) for _ in range(4))
     row = np.zeros((b, n_max), np.int32)
     col = np.zeros((b, n_max), np.int32)
+    micro = np.zeros((b,), np.int32)
     valid = np.arange(n_max)[None, :] < n[:, None]
     pmask = np.asarray(prompt_mask) != 0
-    for m, rows in enumerate(micro_rows):
-        rows = rows + [[] for _ in range(r - len(rows))]
-        order = balance([sum(int(length[i]) for i in rw) for rw in rows], num_devices)
-        for local, src in enumerate(order):
-            g = m + num_micro * local                    # strided layout (step._split_micro)
-            start = 0
-            for s, i in enumerate(rows[src], start=1):
-                ki, ni, li = int(k[i]), int(n[i]), int(length[i])
-                seq = np.concatenate([prompt_tokens[i][pmask[i]], tokens[i, :ni - 1]])
-                ids[g, start:start + li] = seq
-                seg[g, start:start + li] = s
-                pos[g, start:start + li] = np.arange(li)
-                tgt[g, start + ki - 1:start + li] = tokens[i, :ni]
-                row[i, :ni] = local
-                col[i, :ni] = start + ki - 1 + np.arange(ni)
-                start += li
-    return PackedBatch(ids, seg, pos, tgt, row, col, valid, int(num_micro))
+    for slot, src in enumerate(order):
+        q, c = divmod(slot, cap)                       # block q = (device q // M, micro q % M)
+        m, local = q % m_count, (q // m_count) * cap + c
+        g = m + m_count * local                        # strided layout (step._split_micro)
+        start = 0
+        for s, i in enumerate(rows[src], start=1):
+            ki, ni, li = int(k[i]), int(n[i]), int(length[i])
+            ids[g, start:start + li] = np.concatenate([prompt_tokens[i][pmask[i]],
+                                                       tokens[i, :ni - 1]])
+            seg[g, start:start + li] = s
+            pos[g, start:start + li] = np.arange(li)
+            tgt[g, start + ki - 1:start + li] = tokens[i, :ni]
+            row[i, :ni] = local
+            col[i, :ni] = start + ki - 1 + np.arange(ni)
+            micro[i] = m
+            start += li
+    return PackedBatch(ids, seg, pos, tgt, row, col, valid, micro, m_count)
 
 
 def unpack(packed_values, packed: PackedBatch, fill=0.0) -> np.ndarray:
     """Per-position values [M*R, L] -> per-sequence [B, N] (``fill`` where not valid)."""
     v = np.asarray(packed_values)
-    g = (np.arange(packed.row.shape[0]) % packed.num_micro)[:, None] + \
-        packed.num_micro * packed.row
+    g = packed.micro[:, None] + packed.num_micro * packed.row
     return np.where(packed.valid, v[g, packed.col], fill)

@@ -31,6 +31,7 @@ from espo_jax.ops import token_logprobs_and_entropy
 from espo_jax.objectives import batch_counts, combine_stats, finalize, policy_loss_stats
 from espo_jax.objectives.aggregation import safe_inverse
 from espo_jax.objectives.metrics import masked_extreme
+from espo_jax.train.packing import ROW_KEYS
 from espo_jax.train.state import TrainState
 
 # Pins activations' batch dim to ("data","fsdp") under an active mesh (FSDP as intended).
@@ -66,23 +67,30 @@ def response_logprobs(model, prompt_tokens, prompt_mask, tokens, *, chunk_size: 
     return (*out, routing) if return_routing else out
 
 
-def packed_response_logprobs(model, pack: dict, *, chunk_size: int, temperature: float):
-    """(logp f32[B,N], entropy f32[B,N]) from packed rows (``train.packing``), equal to
-    ``response_logprobs`` where ``pack_valid`` (0 elsewhere).
-
-    pack: pack_ids / pack_segment_ids / pack_positions / pack_targets i32[R,L] (one
-    micro-batch's rows) and pack_row / pack_col i32[B,N], pack_valid bool[B,N]. The forward
-    and the log-prob op run over the R x L packed positions only; the per-token values are
-    then gathered back to [B,N].
-    """
-    ids, seg = constrain_batch(pack["pack_ids"]), constrain_batch(pack["pack_segment_ids"])
-    hidden = model.hidden_states(ids, positions=pack["pack_positions"], segment_ids=seg)
-    logp, ent = token_logprobs_and_entropy(
+def packed_logprobs(model, rows: dict, *, chunk_size: int, temperature: float):
+    """(logp, entropy) f32[R,L] at the packed positions of one micro-batch's rows
+    (``train.packing``: pack_ids / pack_segment_ids / pack_positions / pack_targets
+    i32[R,L]); the position predicting nothing gets the value for target 0 (unused)."""
+    ids, seg = constrain_batch(rows["pack_ids"]), constrain_batch(rows["pack_segment_ids"])
+    hidden = model.hidden_states(ids, positions=rows["pack_positions"], segment_ids=seg)
+    return token_logprobs_and_entropy(
         constrain_batch(hidden).astype(model.dtype), model.unembedding(),
-        pack["pack_targets"].astype(jnp.int32), chunk_size=chunk_size, temperature=temperature)
+        rows["pack_targets"].astype(jnp.int32), chunk_size=chunk_size, temperature=temperature)
+
+
+def unpack_tokens(values, pack: dict, micro=None):
+    """Packed per-position values -> per-sequence f32[B,N], 0 where not ``pack_valid``.
+
+    values [M*R, L] (all rows, strided micro-batch layout) with ``micro=None``, or [R, L]
+    (micro-batch ``micro``'s rows; sequences of other micro-batches get 0)."""
     valid = pack["pack_valid"] != 0
-    back = lambda v: jnp.where(valid, v[pack["pack_row"], pack["pack_col"]], 0.0)  # noqa: E731
-    return back(logp), back(ent)
+    if micro is None:
+        m = pack["pack_micro_ids"].shape[0]
+        g = pack["pack_micro"][:, None] + m * pack["pack_row"]
+    else:
+        g = pack["pack_row"]
+        valid = valid & (pack["pack_micro"] == micro)[:, None]
+    return jnp.where(valid, values[g, pack["pack_col"]], 0.0)
 
 
 def _moe_terms(routing, mb, num_experts: int, aux_coef: float):
@@ -137,34 +145,44 @@ def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_
     """Jitted ``score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None,
     pack=None) -> (logp, entropy)``, f32[B,T] each, computed in micro-batches of
     ``micro_batch_size`` rows (0 = all at once). ``routed`` i32[B,P+T,L,k]: MoE experts to
-    replay (routing replay). ``pack``: ``packing.pack(...).arrays()`` built for the same
-    number of micro-batches: the forward runs over packed rows (0 where a token is past the
-    sequence's last valid one).
+    replay (routing replay). ``pack``: ``packing.pack(...).arrays()``: the forward runs over
+    its packed rows, in its micro-batches (``micro_batch_size`` unused), and the values are
+    0 past each sequence's last valid token.
     Use it with the reference params for ref log-probs."""
 
     def score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None, pack=None):
+        if pack is not None:
+            return _score_packed(params, rest, pack, routed)
         n = _num_micro(tokens.shape[0], micro_batch_size)
 
         def one(p, r, xs):
             model = nnx.merge(graphdef, p, r)
-            if xs[4] is not None:
-                if xs[3] is not None:
-                    raise ValueError("train.max_tokens_per_row > 0 (packing) does not support "
-                                     "MoE routing replay; use 0")
-                return packed_response_logprobs(model, xs[4], chunk_size=chunk_size,
-                                                temperature=temperature)
             return response_logprobs(model, *xs[:3], chunk_size=chunk_size,
                                      temperature=temperature, routed=xs[3])
 
         if n == 1:
-            return one(params, rest, (prompt_tokens, prompt_mask, tokens, routed, pack))
-        xs = tuple(None if x is None else jax.tree.map(lambda a: _split_micro(a, n), x)
-                   for x in (prompt_tokens, prompt_mask, tokens, routed, pack))
+            return one(params, rest, (prompt_tokens, prompt_mask, tokens, routed))
+        xs = tuple(None if x is None else _split_micro(x, n)
+                   for x in (prompt_tokens, prompt_mask, tokens, routed))
         # The params ride in the scan carry (not closed over), so the model is built from
         # values of the loop body's own trace level (NNX transforms such as the decoder's
         # nnx.remat refuse Variables from an outer trace).
         _, (logp, ent) = jax.lax.scan(lambda c, x: (c, one(*c, x)), (params, rest), xs)
         return _merge_micro(logp), _merge_micro(ent)
+
+    def _score_packed(params, rest, pack, routed):
+        if routed is not None:
+            raise ValueError("train.max_tokens_per_row > 0 (packing) does not support MoE "
+                             "routing replay; use 0")
+        n = pack["pack_micro_ids"].shape[0]
+        rows = {k: _split_micro(pack[k], n) for k in ROW_KEYS}
+
+        def one(c, xs):
+            return c, packed_logprobs(nnx.merge(graphdef, *c), xs, chunk_size=chunk_size,
+                                      temperature=temperature)
+
+        _, (logp, ent) = jax.lax.scan(one, (params, rest), rows)
+        return unpack_tokens(_merge_micro(logp), pack), unpack_tokens(_merge_micro(ent), pack)
 
     if param_shardings is None:
         return jax.jit(score)
@@ -203,8 +221,11 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
             if routed is not None or model.config.num_experts:
                 raise ValueError("train.max_tokens_per_row > 0 (packing) supports dense models "
                                  "only; use 0 for MoE")
-            logp, _ = packed_response_logprobs(model, mb, chunk_size=chunk_size,
-                                               temperature=temperature)
+            lp, _ = packed_logprobs(model, mb, chunk_size=chunk_size, temperature=temperature)
+            # Every sequence's arrays, with the sequences of other micro-batches masked out.
+            logp = unpack_tokens(lp, mb, mb["pack_index"])
+            mine = (mb["pack_micro"] == mb["pack_index"])[:, None]
+            mb = {**mb, "mask": jnp.where(mine, mb["mask"], 0).astype(mb["mask"].dtype)}
             routing = None
         else:
             logp, _, routing = response_logprobs(
@@ -233,15 +254,23 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
-        bsz = batch["tokens"].shape[0]
-        n = _num_micro(bsz, micro_batch_size)
         counts = batch_counts(batch["mask"])
-        micro = jax.tree.map(lambda x: _split_micro(x, n), batch)
+        packed = "pack_ids" in batch
+        if packed:  # micro-batches of packed rows; every micro-batch sees all sequences
+            n = batch["pack_micro_ids"].shape[0]
+            micro = {k: _split_micro(batch[k], n) for k in ROW_KEYS}
+            micro["pack_index"] = batch["pack_micro_ids"]
+            whole = {k: v for k, v in batch.items() if k not in ROW_KEYS}
+        else:
+            n = _num_micro(batch["tokens"].shape[0], micro_batch_size)
+            micro = jax.tree.map(lambda x: _split_micro(x, n), batch)
+            whole = {}
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
         def body(acc, mb):
             # params/rest ride in the carry (see make_score_fn: NNX trace levels).
             params, rest, g_acc, l_acc = acc
+            mb = {**whole, **mb}
             (loss, (stats, logp, load)), g = grad_fn(params, rest, state.graphdef, mb, counts, n)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             return (params, rest, g_acc, l_acc + loss), (stats, logp, load)
@@ -265,7 +294,8 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
                                   opt_state=keep(new_opt, state.opt_state),
                                   step=state.step + finite.astype(jnp.int32))
         metrics.update(loss=loss, grad_norm=gnorm, nonfinite=1.0 - finite.astype(jnp.float32))
-        return new_state, metrics, _merge_micro(logp)
+        # Packed: each sequence's log-probs come from its own micro-batch (0 in the others).
+        return new_state, metrics, logp.sum(0) if packed else _merge_micro(logp)
 
     if state_shardings is None:
         return jax.jit(train_step, donate_argnums=0)

@@ -52,7 +52,8 @@ def row_flops(cfg: ModelConfig, width: int, rows: int = 1) -> tuple[float, float
     # A packed batch of `rows` sequences, each filling its row (the FLOPs depend on shapes).
     pack = dict(pack_ids=i32(rows, width), pack_segment_ids=i32(rows, width),
                 pack_positions=i32(rows, width), pack_targets=i32(rows, width),
-                pack_row=i32(rows, 1), pack_col=i32(rows, 1), pack_valid=sds((rows, 1), bool))
+                pack_row=i32(rows, 1), pack_col=i32(rows, 1), pack_valid=sds((rows, 1), bool),
+                pack_micro=i32(rows), pack_micro_ids=i32(1))
     seq = (i32(rows, 1), i32(rows, 1), i32(rows, 1))      # prompt, prompt_mask, tokens
     score = make_score_fn(state.graphdef, chunk_size=chunk, temperature=1.0)
     f_score = score.lower(state.params, state.rest, *seq, None, pack).compile().cost_analysis()
@@ -75,6 +76,9 @@ def main():
     p.add_argument("--cap", type=int, default=16384)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--minibatch", type=int, default=0, help="pack per minibatch (0 = all)")
+    p.add_argument("--rows-per-micro", type=int, default=0,
+                   help="packed rows per micro-batch (0 = one micro-batch)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     rng = np.random.default_rng(a.seed)
@@ -85,23 +89,29 @@ def main():
     mask = (np.arange(n)[None] < resp[:, None]).astype(np.float32)
     zeros = lambda s: np.zeros(s, np.int32)               # noqa: E731
     t = time.perf_counter()
-    pk = packing.pack(zeros((b, pl)), pmask, zeros((b, n)), mask, max_tokens_per_row=pl + n,
-                      num_devices=a.devices)
-    r, width = pk.ids.shape
+    mb = a.minibatch or b
+    packs = [packing.pack(zeros((mb, pl)), pmask[i:i + mb], zeros((mb, n)), mask[i:i + mb],
+                          max_tokens_per_row=pl + n, rows_per_micro=a.rows_per_micro,
+                          num_devices=a.devices)
+             for i in range(0, b, mb)]
+    shapes = [pk.ids.shape for pk in packs]
+    rows = sum(r for r, _ in shapes)
+    fill = sum(pk.tokens for pk in packs) / sum(r * w for r, w in shapes)
     print(f"responses: mean {resp.mean():.0f}, median {np.median(resp):.0f}, "
           f"max {resp.max()}, at cap {(resp == n).mean():.1%}; prompts mean {prom.mean():.0f}")
-    print(f"packed: {r} rows x {width} (fill {pk.tokens / (r * width):.1%}; "
-          f"packing {time.perf_counter() - t:.1f} s) vs padded {b} rows x {pl + n - 1}")
+    print(f"packed per minibatch of {mb} ({a.rows_per_micro or 'all'} rows per micro-batch, "
+          f"{a.devices} devices): "
+          f"{rows} rows, widths {sorted({w for _, w in shapes})} (fill {fill:.1%}; packing "
+          f"{time.perf_counter() - t:.1f} s) vs padded {b} rows x {pl + n - 1}")
     cfg = ModelConfig(family="qwen3", qk_norm=True, tie_word_embeddings=True, rope_theta=1e6,
                       num_layers=a.layers, attention_impl="dense", **SHAPE_1P7B)
-    fp = row_flops(cfg, pl + n - 1)
-    fk = row_flops(cfg, width)
-    pad = [b * x for x in fp]
-    pkd = [r * x for x in fk]
+    per_width = {w: row_flops(cfg, w) for w in {pl + n - 1, *(w for _, w in shapes)}}
+    pad = [b * x for x in per_width[pl + n - 1]]
+    pkd = [sum(r * per_width[w][k] for r, w in shapes) for k in range(2)]
+    print(f"model: Qwen3-1.7B shapes, {a.layers} layer(s), bf16 compute, dense attention")
     for name, x, y in (("score", pad[0], pkd[0]), ("train step", pad[1], pkd[1]),
                        ("score + train step", sum(pad), sum(pkd))):
         print(f"{name:>20}: padded {x:.3e} FLOPs, packed {y:.3e} FLOPs, ratio {x / y:.2f}x")
-
 
 if __name__ == "__main__":
     main()
