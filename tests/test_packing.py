@@ -104,9 +104,10 @@ def setup():
 @pytest.mark.parametrize("per_micro", [0, 1])
 def test_packed_logprobs_equal_unpacked(setup, per_micro):
     model, state, _, b = setup
-    score = make_score_fn(state.graphdef, chunk_size=16, temperature=0.8)
+    score = make_score_fn(state.graphdef, chunk_size=16, temperature=0.8,
+                          micro_batch_size=per_micro)
     args = (state.params, state.rest, b["prompt_tokens"], b["prompt_mask"], b["tokens"])
-    lp, ent = score(*args)
+    lp, ent = make_score_fn(state.graphdef, chunk_size=16, temperature=0.8)(*args)
     pk = packing.pack(b["prompt_tokens"], b["prompt_mask"], b["tokens"], b["mask"],
                       max_tokens_per_row=P + N - 1, rows_per_micro=per_micro)
     assert pk.ids.size < B * (P + N - 1)                 # fewer positions than unpacked
@@ -127,13 +128,15 @@ def test_packed_train_step_equals_unpacked(setup, objective):
     hp = {"vocab_size": model.config.vocab_size} if objective == "espo" else {}
     step = make_train_step(tx, objective, hp, chunk_size=16, temperature=0.8,
                            micro_batch_size=B // 2)
+    step1 = make_train_step(tx, objective, hp, chunk_size=16, temperature=0.8,
+                            micro_batch_size=1)
     pk = packing.pack(b["prompt_tokens"], b["prompt_mask"], b["tokens"], b["mask"],
                       max_tokens_per_row=P + N, rows_per_micro=1)
     assert pk.num_micro > 1
     outs = []
-    for extra in ({}, pk.arrays()):
+    for fn, extra in ((step, {}), (step1, pk.arrays())):
         batch = {k: jnp.asarray(v) for k, v in {**b, **extra}.items()}
-        outs.append(step(create_state(model, tx), batch))
+        outs.append(fn(create_state(model, tx), batch))
     (s1, m1, lp1), (s2, m2, lp2) = outs
     assert set(m1) == set(m2)
     for key in m1:

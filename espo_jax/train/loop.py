@@ -114,9 +114,8 @@ def run(config, workdir) -> dict:
         max_tokens_per_row tokens costs, so the micro-batch memory is unchanged."""
         if budget <= 0:
             return None
-        per_micro = micro if 0 < micro < arrays["tokens"].shape[0] else 0
         return packing.pack(arrays["prompt_tokens"], arrays["prompt_mask"], arrays["tokens"],
-                            arrays["mask"], max_tokens_per_row=budget, rows_per_micro=per_micro,
+                            arrays["mask"], max_tokens_per_row=budget, rows_per_micro=micro,
                             num_devices=batch_axes_size(mesh)).arrays()
     prompts = PromptSource(config=config, task=task, tokenizer=tok,
                            order=PromptOrder(len(task.train), int(config.seed)),

@@ -29,7 +29,7 @@ from espo_jax.rollout.sampler import bucket_length
 
 # Per packed row [M*R, L] (split into micro-batches) / per sequence [B, ...] / [M].
 ROW_KEYS = ("pack_ids", "pack_segment_ids", "pack_positions", "pack_targets")
-KEYS = ROW_KEYS + ("pack_row", "pack_col", "pack_valid", "pack_micro", "pack_micro_ids")
+KEYS = ROW_KEYS + ("pack_row", "pack_col", "pack_valid", "pack_micro")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +56,7 @@ class PackedBatch:
         return dict(pack_ids=self.ids, pack_segment_ids=self.segment_ids,
                     pack_positions=self.positions, pack_targets=self.targets,
                     pack_row=self.row, pack_col=self.col, pack_valid=self.valid,
-                    pack_micro=self.micro, pack_micro_ids=np.arange(self.num_micro,
-                                                                    dtype=np.int32))
+                    pack_micro=self.micro)
 
     @property
     def tokens(self) -> int:

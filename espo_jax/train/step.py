@@ -78,15 +78,26 @@ def packed_logprobs(model, rows: dict, *, chunk_size: int, temperature: float):
         rows["pack_targets"].astype(jnp.int32), chunk_size=chunk_size, temperature=temperature)
 
 
-def unpack_tokens(values, pack: dict, micro=None):
+def num_packed_micro(pack: dict, rows_per_micro: int) -> int:
+    """Micro-batches of packed rows: all rows / ``rows_per_micro`` (0 = one micro-batch)."""
+    r = pack["pack_ids"].shape[0]
+    if rows_per_micro <= 0:
+        return 1
+    if r % rows_per_micro:
+        raise ValueError(f"{r} packed rows are not a multiple of the micro-batch of "
+                         f"{rows_per_micro} rows (pack with rows_per_micro=micro_batch_size)")
+    return r // rows_per_micro
+
+
+def unpack_tokens(values, pack: dict, micro=None, num_micro: int = 1):
     """Packed per-position values -> per-sequence f32[B,N], 0 where not ``pack_valid``.
 
-    values [M*R, L] (all rows, strided micro-batch layout) with ``micro=None``, or [R, L]
-    (micro-batch ``micro``'s rows; sequences of other micro-batches get 0)."""
+    values [M*R, L] (all rows, strided micro-batch layout, M = ``num_micro``) with
+    ``micro=None``, or [R, L] (micro-batch ``micro``'s rows; sequences of other micro-batches
+    get 0)."""
     valid = pack["pack_valid"] != 0
     if micro is None:
-        m = pack["pack_micro_ids"].shape[0]
-        g = pack["pack_micro"][:, None] + m * pack["pack_row"]
+        g = pack["pack_micro"][:, None] + num_micro * pack["pack_row"]
     else:
         g = pack["pack_row"]
         valid = valid & (pack["pack_micro"] == micro)[:, None]
@@ -145,9 +156,9 @@ def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_
     """Jitted ``score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None,
     pack=None) -> (logp, entropy)``, f32[B,T] each, computed in micro-batches of
     ``micro_batch_size`` rows (0 = all at once). ``routed`` i32[B,P+T,L,k]: MoE experts to
-    replay (routing replay). ``pack``: ``packing.pack(...).arrays()``: the forward runs over
-    its packed rows, in its micro-batches (``micro_batch_size`` unused), and the values are
-    0 past each sequence's last valid token.
+    replay (routing replay). ``pack``: ``packing.pack(..., rows_per_micro=micro_batch_size)
+    .arrays()``: the forward runs over its packed rows in micro-batches of
+    ``micro_batch_size`` rows, and the values are 0 past each sequence's last valid token.
     Use it with the reference params for ref log-probs."""
 
     def score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None, pack=None):
@@ -174,7 +185,7 @@ def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_
         if routed is not None:
             raise ValueError("train.max_tokens_per_row > 0 (packing) does not support MoE "
                              "routing replay; use 0")
-        n = pack["pack_micro_ids"].shape[0]
+        n = num_packed_micro(pack, micro_batch_size)
         rows = {k: _split_micro(pack[k], n) for k in ROW_KEYS}
 
         def one(c, xs):
@@ -182,7 +193,7 @@ def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_
                                       temperature=temperature)
 
         _, (logp, ent) = jax.lax.scan(one, (params, rest), rows)
-        return unpack_tokens(_merge_micro(logp), pack), unpack_tokens(_merge_micro(ent), pack)
+        return tuple(unpack_tokens(_merge_micro(v), pack, num_micro=n) for v in (logp, ent))
 
     if param_shardings is None:
         return jax.jit(score)
@@ -257,9 +268,9 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
         counts = batch_counts(batch["mask"])
         packed = "pack_ids" in batch
         if packed:  # micro-batches of packed rows; every micro-batch sees all sequences
-            n = batch["pack_micro_ids"].shape[0]
+            n = num_packed_micro(batch, micro_batch_size)
             micro = {k: _split_micro(batch[k], n) for k in ROW_KEYS}
-            micro["pack_index"] = batch["pack_micro_ids"]
+            micro["pack_index"] = jnp.arange(n, dtype=jnp.int32)
             whole = {k: v for k, v in batch.items() if k not in ROW_KEYS}
         else:
             n = _num_micro(batch["tokens"].shape[0], micro_batch_size)

@@ -53,7 +53,7 @@ def row_flops(cfg: ModelConfig, width: int, rows: int = 1) -> tuple[float, float
     pack = dict(pack_ids=i32(rows, width), pack_segment_ids=i32(rows, width),
                 pack_positions=i32(rows, width), pack_targets=i32(rows, width),
                 pack_row=i32(rows, 1), pack_col=i32(rows, 1), pack_valid=sds((rows, 1), bool),
-                pack_micro=i32(rows), pack_micro_ids=i32(1))
+                pack_micro=i32(rows))
     seq = (i32(rows, 1), i32(rows, 1), i32(rows, 1))      # prompt, prompt_mask, tokens
     score = make_score_fn(state.graphdef, chunk_size=chunk, temperature=1.0)
     f_score = score.lower(state.params, state.rest, *seq, None, pack).compile().cost_analysis()
