@@ -118,12 +118,12 @@ def test_resume_gives_identical_metrics(full_run, tmp_path, env):
 
 
 def test_packed_run_matches_unpacked(full_run, tmp_path, env):
-    """train.max_tokens_per_row > 0 (packed score + train step) gives the unpacked run's
-    metrics (same rollouts, same log-probs up to f32 rounding)."""
+    """train.max_tokens_per_row > 0 (packed score + train step, micro-batches of 4 packed
+    rows) gives the unpacked run's metrics (same rollouts, log-probs up to f32 rounding)."""
     wd_full, _ = full_run
     wd = tmp_path / "packed"
     cli(wd, "--config.num_steps=2", "--config.eval.every=0",
-        "--config.train.max_tokens_per_row=256", env=env)
+        "--config.train.max_tokens_per_row=64", "--config.train.micro_batch_size=4", env=env)
     a, b = records(wd_full)[1:3], records(wd)[1:3]
     assert [r["step"] for r in b] == [1, 2]
     for ra, rb in zip(a, b):
