@@ -198,8 +198,16 @@ def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_
     if param_shardings is None:
         return jax.jit(score)
     bs = batch_sharding
-    return jax.jit(score, in_shardings=(param_shardings, rest_shardings, bs, bs, bs, bs, bs),
-                   out_shardings=(bs, bs))
+    jitted = jax.jit(score, in_shardings=(param_shardings, rest_shardings, bs, bs, bs, bs, bs),
+                     out_shardings=(bs, bs))
+    # in_shardings name all 7 positional arguments: callers may leave routed / pack out.
+    full = lambda args: args + (None,) * (7 - len(args))  # noqa: E731
+
+    def call(*args):
+        return jitted(*full(args))
+
+    call.lower = lambda *args: jitted.lower(*full(args))
+    return call
 
 
 def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: dict, *,
