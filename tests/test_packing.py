@@ -168,3 +168,32 @@ def test_validate_max_tokens_per_row():
         c.train.max_tokens_per_row = bad
         with pytest.raises(ValueError, match=f"train.max_tokens_per_row.*{msg}"):
             validate(c, 1, check_files=False)
+
+
+def test_packed_train_step_on_an_fsdp_mesh(setup):
+    """Packed rows balanced over 2 fsdp devices, micro-batches of 2 rows, under the product's
+    shardings: the same loss, metrics and update as unpacked on the same mesh."""
+    from espo_jax.train import mesh as mesh_lib  # noqa: PLC0415
+    from espo_jax.train.state import state_shardings  # noqa: PLC0415
+
+    model, _, _, b = setup
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=2, tensor=1))
+    tx = optax.sgd(0.5)
+    sh = state_shardings(model, tx, mesh, param_shardings_fn=mesh_lib.param_shardings,
+                         opt_shardings_fn=mesh_lib.opt_state_shardings)
+    pk = packing.pack(b["prompt_tokens"], b["prompt_mask"], b["tokens"], b["mask"],
+                      max_tokens_per_row=P + N, rows_per_micro=2, num_devices=2)
+    outs = []
+    for micro, extra in ((4, {}), (2, pk.arrays())):
+        step = mesh_lib.under_mesh(make_train_step(
+            tx, "gspo", {}, chunk_size=16, temperature=0.8, micro_batch_size=micro,
+            state_shardings=sh, batch_sharding=mesh_lib.batch_sharding(mesh)), mesh)
+        batch = jax.device_put({k: jnp.asarray(v) for k, v in {**b, **extra}.items()},
+                               mesh_lib.batch_sharding(mesh))
+        outs.append(step(create_state(model, tx, shardings=sh), batch))
+    (s1, m1, _), (s2, m2, _) = outs
+    for key in m1:
+        np.testing.assert_allclose(float(m2[key]), float(m1[key]), rtol=2e-5, atol=1e-6,
+                                   err_msg=key)
+    for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
