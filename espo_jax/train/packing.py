@@ -16,6 +16,10 @@ block of R/D rows of every micro-batch). Each sequence lies in one row, so seque
 objectives see whole sequences; ``micro`` [B] says which micro-batch holds sequence b, and
 the gather indices (``row``, ``col`` [B,N]) are local to that micro-batch.
 
+Shapes vary with the content: the row width (bucketed) and the number of micro-batches M
+(rows / rows_per_micro) are static shapes, so each new (M, width) pair compiles the step
+once (few buckets; M <= sequences / rows_per_micro).
+
 Per-token outputs come back exactly: ``logp_packed[row, col]`` is sequence b's value for
 response token j where ``valid[b, j]`` (j < its last valid token + 1), 0 elsewhere.
 """
