@@ -86,7 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
         lr=1e-6, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
         grad_clip=1.0, max_nonfinite_in_a_row=3, beta=0.0,
         # MoE: coefficient of transformers' load-balancing loss (0 = off).
-        moe_aux_loss_coef=0.0))
+        moe_aux_loss_coef=0.0,
+        # > 0: score and train on packed rows of this many tokens (segment ids, FFD by
+        # length; train.packing) instead of P + max_new_tokens per sequence. 0 = off.
+        max_tokens_per_row=0))
     c.dapo = ml_collections.ConfigDict(dict(
         dynamic_sampling=False, max_sampling_tries=3,
         # max_len 0 = rollout.max_new_tokens at run time; buffer 0 = buffer_frac * max_len.

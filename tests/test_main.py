@@ -117,6 +117,22 @@ def test_resume_gives_identical_metrics(full_run, tmp_path, env):
     assert not (wd / "checkpoints" / "4").exists()
 
 
+def test_packed_run_matches_unpacked(full_run, tmp_path, env):
+    """train.max_tokens_per_row > 0 (packed score + train step, micro-batches of 4 packed
+    rows) gives the unpacked run's metrics (same rollouts, log-probs up to f32 rounding)."""
+    wd_full, _ = full_run
+    wd = tmp_path / "packed"
+    cli(wd, "--config.num_steps=2", "--config.eval.every=0",
+        "--config.train.max_tokens_per_row=64", "--config.train.micro_batch_size=4", env=env)
+    a, b = records(wd_full)[1:3], records(wd)[1:3]
+    assert [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert _strip(rb, True) == pytest.approx(_strip(ra, True), rel=1e-4, abs=1e-5), ra["step"]
+    p = cli(tmp_path / "bad", "--config.train.max_tokens_per_row=8", env=env, check=False,
+            timeout=120)
+    assert p.returncode != 0 and "train.max_tokens_per_row" in p.stderr
+
+
 def test_sigterm_checkpoints_and_resumes(tmp_path, env):
     wd = tmp_path / "term"
     cmd = [sys.executable, "-m", "espo_jax.main", f"--config={CONFIG}", f"--workdir={wd}",

@@ -51,6 +51,7 @@ from espo_jax.train.rollout_phase import PromptOrder, PromptSource, collect
 from espo_jax.train.score_phase import score_extras
 from espo_jax.train.setup import batch_axes_size, load_policy, objective_hparams
 from espo_jax.train.state import create_state, state_shardings
+from espo_jax.train import packing
 from espo_jax.train.step import make_score_fn, make_train_step
 from espo_jax.train.tasks import build_task, stop_token_ids
 
@@ -104,6 +105,18 @@ def run(config, workdir) -> dict:
         routing_replay=replay, moe_aux_loss_coef=float(config.train.moe_aux_loss_coef)), mesh)
     lr_schedule = learning_rate_schedule(float(config.train.lr), int(config.train.warmup_steps))
     decode_fn = mesh_lib.sharded_decode_fn(mesh)
+    budget = int(config.train.get("max_tokens_per_row", 0))
+
+    def packed(arrays):
+        """train.max_tokens_per_row > 0: the packed rows of a (mini)batch (``train.packing``),
+        in micro-batches of (micro-batch size) rows, balanced over micro-batches and batch
+        devices by token count; else None. A packed row costs what one unpacked sequence of
+        max_tokens_per_row tokens costs, so the micro-batch memory is unchanged."""
+        if budget <= 0:
+            return None
+        return packing.pack(arrays["prompt_tokens"], arrays["prompt_mask"], arrays["tokens"],
+                            arrays["mask"], max_tokens_per_row=budget, rows_per_micro=micro,
+                            num_devices=batch_axes_size(mesh)).arrays()
     prompts = PromptSource(config=config, task=task, tokenizer=tok,
                            order=PromptOrder(len(task.train), int(config.seed)),
                            stop_ids=tuple(stop_token_ids(tok, config.model.path)),
@@ -159,8 +172,11 @@ def run(config, workdir) -> dict:
             # MoE routing replay: pi_old on the experts the sampler used.
             routed = (to_device(rollout.routed_experts)
                       if replay and rollout.routed_experts is not None else None)
-            old_logp, entropy = score_fn(state.params, state.rest, pt, pm, tk, routed)
-            ref_logp = (score_fn(state.ref_params, state.rest, pt, pm, tk, routed)[0]
+            pack = packed(dict(prompt_tokens=rollout.prompt_tokens, mask=rollout.mask,
+                               prompt_mask=rollout.prompt_mask, tokens=rollout.tokens))
+            pack = None if pack is None else to_device(pack)
+            old_logp, entropy = score_fn(state.params, state.rest, pt, pm, tk, routed, pack)
+            ref_logp = (score_fn(state.ref_params, state.rest, pt, pm, tk, routed, pack)[0]
                         if with_ref else None)
             adv = compute_advantages(jnp.asarray(rollout.rewards), int(config.rollout.group_size),
                                      estimator=config.advantage.estimator,
@@ -181,6 +197,9 @@ def run(config, workdir) -> dict:
             for _, rows, arrays in scored.minibatches(
                     seed=int(config.seed), step=step, num_epochs=int(config.train.num_epochs),
                     num_minibatches=int(config.train.num_minibatches)):
+                pack = packed(arrays)
+                if pack is not None:
+                    arrays = {**arrays, **pack}
                 state, m, logp = train_step(state, to_device(arrays))
                 m = jax.device_get(m)
                 last_logp[rows] = to_host(logp)

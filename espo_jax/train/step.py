@@ -31,6 +31,7 @@ from espo_jax.ops import token_logprobs_and_entropy
 from espo_jax.objectives import batch_counts, combine_stats, finalize, policy_loss_stats
 from espo_jax.objectives.aggregation import safe_inverse
 from espo_jax.objectives.metrics import masked_extreme
+from espo_jax.train.packing import ROW_KEYS
 from espo_jax.train.state import TrainState
 
 # Pins activations' batch dim to ("data","fsdp") under an active mesh (FSDP as intended).
@@ -64,6 +65,43 @@ def response_logprobs(model, prompt_tokens, prompt_mask, tokens, *, chunk_size: 
                                      tokens.astype(jnp.int32), chunk_size=chunk_size,
                                      temperature=temperature)
     return (*out, routing) if return_routing else out
+
+
+def packed_logprobs(model, rows: dict, *, chunk_size: int, temperature: float):
+    """(logp, entropy) f32[R,L] at the packed positions of one micro-batch's rows
+    (``train.packing``: pack_ids / pack_segment_ids / pack_positions / pack_targets
+    i32[R,L]); the position predicting nothing gets the value for target 0 (unused)."""
+    ids, seg = constrain_batch(rows["pack_ids"]), constrain_batch(rows["pack_segment_ids"])
+    hidden = model.hidden_states(ids, positions=rows["pack_positions"], segment_ids=seg)
+    return token_logprobs_and_entropy(
+        constrain_batch(hidden).astype(model.dtype), model.unembedding(),
+        rows["pack_targets"].astype(jnp.int32), chunk_size=chunk_size, temperature=temperature)
+
+
+def num_packed_micro(pack: dict, rows_per_micro: int) -> int:
+    """Micro-batches of packed rows: all rows / ``rows_per_micro`` (0 = one micro-batch)."""
+    r = pack["pack_ids"].shape[0]
+    if rows_per_micro <= 0:
+        return 1
+    if r % rows_per_micro:
+        raise ValueError(f"{r} packed rows are not a multiple of the micro-batch of "
+                         f"{rows_per_micro} rows (pack with rows_per_micro=micro_batch_size)")
+    return r // rows_per_micro
+
+
+def unpack_tokens(values, pack: dict, micro=None, num_micro: int = 1):
+    """Packed per-position values -> per-sequence f32[B,N], 0 where not ``pack_valid``.
+
+    values [M*R, L] (all rows, strided micro-batch layout, M = ``num_micro``) with
+    ``micro=None``, or [R, L] (micro-batch ``micro``'s rows; sequences of other micro-batches
+    get 0)."""
+    valid = pack["pack_valid"] != 0
+    if micro is None:
+        g = pack["pack_micro"][:, None] + num_micro * pack["pack_row"]
+    else:
+        g = pack["pack_row"]
+        valid = valid & (pack["pack_micro"] == micro)[:, None]
+    return jnp.where(valid, values[g, pack["pack_col"]], 0.0)
 
 
 def _moe_terms(routing, mb, num_experts: int, aux_coef: float):
@@ -115,12 +153,17 @@ def _num_micro(batch_size: int, micro_batch_size: int) -> int:
 
 def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_size: int = 0,
                   param_shardings=None, rest_shardings=None, batch_sharding=None) -> Callable:
-    """Jitted ``score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None) ->
-    (logp, entropy)``, f32[B,T] each, computed in micro-batches of ``micro_batch_size`` rows
-    (0 = all at once). ``routed`` i32[B,P+T,L,k]: MoE experts to replay (routing replay).
+    """Jitted ``score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None,
+    pack=None) -> (logp, entropy)``, f32[B,T] each, computed in micro-batches of
+    ``micro_batch_size`` rows (0 = all at once). ``routed`` i32[B,P+T,L,k]: MoE experts to
+    replay (routing replay). ``pack``: ``packing.pack(..., rows_per_micro=micro_batch_size)
+    .arrays()``: the forward runs over its packed rows in micro-batches of
+    ``micro_batch_size`` rows, and the values are 0 past each sequence's last valid token.
     Use it with the reference params for ref log-probs."""
 
-    def score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None):
+    def score(params, rest, prompt_tokens, prompt_mask, tokens, routed=None, pack=None):
+        if pack is not None:
+            return _score_packed(params, rest, pack, routed)
         n = _num_micro(tokens.shape[0], micro_batch_size)
 
         def one(p, r, xs):
@@ -138,11 +181,33 @@ def make_score_fn(graphdef, *, chunk_size: int, temperature: float, micro_batch_
         _, (logp, ent) = jax.lax.scan(lambda c, x: (c, one(*c, x)), (params, rest), xs)
         return _merge_micro(logp), _merge_micro(ent)
 
+    def _score_packed(params, rest, pack, routed):
+        if routed is not None:
+            raise ValueError("train.max_tokens_per_row > 0 (packing) does not support MoE "
+                             "routing replay; use 0")
+        n = num_packed_micro(pack, micro_batch_size)
+        rows = {k: _split_micro(pack[k], n) for k in ROW_KEYS}
+
+        def one(c, xs):
+            return c, packed_logprobs(nnx.merge(graphdef, *c), xs, chunk_size=chunk_size,
+                                      temperature=temperature)
+
+        _, (logp, ent) = jax.lax.scan(one, (params, rest), rows)
+        return tuple(unpack_tokens(_merge_micro(v), pack, num_micro=n) for v in (logp, ent))
+
     if param_shardings is None:
         return jax.jit(score)
     bs = batch_sharding
-    return jax.jit(score, in_shardings=(param_shardings, rest_shardings, bs, bs, bs, bs),
-                   out_shardings=(bs, bs))
+    jitted = jax.jit(score, in_shardings=(param_shardings, rest_shardings, bs, bs, bs, bs, bs),
+                     out_shardings=(bs, bs))
+    # in_shardings name all 7 positional arguments: callers may leave routed / pack out.
+    full = lambda args: args + (None,) * (7 - len(args))  # noqa: E731
+
+    def call(*args):
+        return jitted(*full(args))
+
+    call.lower = lambda *args: jitted.lower(*full(args))
+    return call
 
 
 def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: dict, *,
@@ -171,9 +236,21 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
     def loss_fn(params, rest, graphdef, mb, counts, n_micro):
         model = nnx.merge(graphdef, params, rest)
         routed = mb.get("routed_experts") if routing_replay else None
-        logp, _, routing = response_logprobs(
-            model, mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"], chunk_size=chunk_size,
-            temperature=temperature, routed=routed, return_routing=True)
+        if "pack_ids" in mb:  # packed rows (train.max_tokens_per_row > 0); dense models only
+            if routed is not None or model.config.num_experts:
+                raise ValueError("train.max_tokens_per_row > 0 (packing) supports dense models "
+                                 "only; use 0 for MoE")
+            lp, _ = packed_logprobs(model, mb, chunk_size=chunk_size, temperature=temperature)
+            # Every sequence's arrays, with the sequences of other micro-batches masked out.
+            logp = unpack_tokens(lp, mb, mb["pack_index"])
+            mine = (mb["pack_micro"] == mb["pack_index"])[:, None]
+            mb = {**mb, "mask": jnp.where(mine, mb["mask"], 0).astype(mb["mask"].dtype)}
+            routing = None
+        else:
+            logp, _, routing = response_logprobs(
+                model, mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"],
+                chunk_size=chunk_size, temperature=temperature, routed=routed,
+                return_routing=True)
         kw = dict(hparams)
         for key, arg in (("ref_logp", "ref_logp"), ("groups", "groups"),
                          ("is_weights", "token_weights")):
@@ -196,15 +273,23 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
-        bsz = batch["tokens"].shape[0]
-        n = _num_micro(bsz, micro_batch_size)
         counts = batch_counts(batch["mask"])
-        micro = jax.tree.map(lambda x: _split_micro(x, n), batch)
+        packed = "pack_ids" in batch
+        if packed:  # micro-batches of packed rows; every micro-batch sees all sequences
+            n = num_packed_micro(batch, micro_batch_size)
+            micro = {k: _split_micro(batch[k], n) for k in ROW_KEYS}
+            micro["pack_index"] = jnp.arange(n, dtype=jnp.int32)
+            whole = {k: v for k, v in batch.items() if k not in ROW_KEYS}
+        else:
+            n = _num_micro(batch["tokens"].shape[0], micro_batch_size)
+            micro = jax.tree.map(lambda x: _split_micro(x, n), batch)
+            whole = {}
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
         def body(acc, mb):
             # params/rest ride in the carry (see make_score_fn: NNX trace levels).
             params, rest, g_acc, l_acc = acc
+            mb = {**whole, **mb}
             (loss, (stats, logp, load)), g = grad_fn(params, rest, state.graphdef, mb, counts, n)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             return (params, rest, g_acc, l_acc + loss), (stats, logp, load)
@@ -228,7 +313,8 @@ def make_train_step(tx: optax.GradientTransformation, objective: str, hparams: d
                                   opt_state=keep(new_opt, state.opt_state),
                                   step=state.step + finite.astype(jnp.int32))
         metrics.update(loss=loss, grad_norm=gnorm, nonfinite=1.0 - finite.astype(jnp.float32))
-        return new_state, metrics, _merge_micro(logp)
+        # Packed: each sequence's log-probs come from its own micro-batch (0 in the others).
+        return new_state, metrics, logp.sum(0) if packed else _merge_micro(logp)
 
     if state_shardings is None:
         return jax.jit(train_step, donate_argnums=0)

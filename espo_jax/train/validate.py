@@ -142,7 +142,13 @@ def _batches(config, batch_devices: int) -> None:
         raise ValueError(f"the rollout batch of {batch} rows is not divisible by the "
                          f"{batch_devices} batch devices (mesh data x fsdp)")
     _float(config, "rollout.temperature", lo=0.0, lo_open=True)
-    _int(config, "rollout.max_new_tokens", lo=1)
+    n = _int(config, "rollout.max_new_tokens", lo=1)
+    if "max_tokens_per_row" in config.train:
+        budget = _int(config, "train.max_tokens_per_row", lo=0)
+        if 0 < budget < n + 1:
+            raise ValueError(f"train.max_tokens_per_row={budget} must be 0 (packing off) or "
+                             f">= prompt + rollout.max_new_tokens - 1 tokens of the longest "
+                             f"sequence (at least {n + 1})")
     _engine(config)
     _float(config, "train.lr", lo=0.0)
     _int(config, "train.warmup_steps", lo=0)
