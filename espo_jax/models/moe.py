@@ -78,6 +78,17 @@ def _grads_together_bwd(_, g):
 _grads_together.defvjp(lambda x, *ws: ((x,) + ws, None), _grads_together_bwd)
 
 
+@jax.custom_vjp
+def _permute_rows(a, perm, inv):
+    """a[perm] for a permutation `perm` with inverse `inv`; the backward is the gather g[inv]
+    (autodiff's scatter-add into zeros would hold an extra [N*k, D] buffer)."""
+    return jnp.take(a, perm, axis=0)
+
+
+_permute_rows.defvjp(lambda a, perm, inv: (jnp.take(a, perm, axis=0), inv),
+                     lambda inv, g: (jnp.take(g, inv, axis=0), None, None))
+
+
 def grouped_swiglu(x, experts, weights, gate, up, down, dtype):
     """sum_j weights[n,j] * SwiGLU_{experts[n,j]}(x[n]) via sorted tokens + ragged_dot.
 
@@ -94,7 +105,7 @@ def grouped_swiglu(x, experts, weights, gate, up, down, dtype):
     g = jax.lax.ragged_dot(xs, gate.astype(dtype), sizes)
     u = jax.lax.ragged_dot(xs, up.astype(dtype), sizes)
     ys = jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(dtype), sizes)  # [N*k, D]
-    ys = jnp.take(ys, jnp.argsort(order), axis=0).reshape(n, k, -1)
+    ys = _permute_rows(ys, jnp.argsort(order), order).reshape(n, k, -1)
     ys = jnp.where((experts < e)[..., None], ys, 0)              # rows outside every group
     return jnp.einsum("nkd,nk->nd", ys, weights.astype(dtype))
 
