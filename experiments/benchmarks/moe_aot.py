@@ -13,9 +13,10 @@ ESPO_AOT_REMAT=0 compiles without per-layer remat. The compile uses the dry run'
 options (memory-optimised scheduler: the default CPU scheduler keeps rematerialised
 activations alive, so remat looked like it saved nothing).
 
-Abstract shapes only (no weights). Compiling all 48 layers is slow on a small CPU, so by
-default 1 and 2 layers are compiled and the per-layer increase is extrapolated linearly to
-48 (arguments exactly, temporaries approximately; --full compiles all layers).
+Abstract shapes only (no weights). By default 4 and 8 layers are compiled and the per-layer
+increase is extrapolated linearly to 48 (arguments exactly, temporaries approximately; the
+first layers are not typical: 1 -> 2 layers adds a one-off amount at the peak); --full
+compiles all layers.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=64 \\
     .venv/bin/python experiments/benchmarks/moe_aot.py --tokens 8192 16384
@@ -34,6 +35,7 @@ QWEN3_30B_A3B = dict(
     head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1e6,
     max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False)
+LAYERS = (4, 8)  # compiled layer counts for the linear extrapolation
 
 
 def compile_step(layers: int, tokens: int, prompt: int, devices: int, expert: int,
@@ -101,22 +103,25 @@ def main(argv=None):
           f"fsdp={a.devices // a.expert} ({a.devices} simulated devices), 1 sequence per device, "
           "bf16 compute, f32 masters + AdamW, remat per layer, blockwise attention")
     print(f"{'tokens/seq':>10}{'params B':>10}{'args GiB':>10}{'temp GiB':>10}{'total GiB':>11}"
-          f"{'compile s':>11}")
+          f"{'layer GiB':>11}{'compile s':>11}")
     for t in a.tokens:
+        layer = float("nan")  # temporaries added per layer (extrapolation only)
         if a.full:
             est = compile_step(n, t, a.prompt, a.devices, a.expert, a.proxy)
             secs = est["compile_s"]
         else:
-            one = compile_step(1, t, a.prompt, a.devices, a.expert, a.proxy)
-            two = compile_step(2, t, a.prompt, a.devices, a.expert, a.proxy)
-            est = {k: one[k] + (n - 1) * (two[k] - one[k]) for k in ("args", "temp", "params")}
-            secs = one["compile_s"] + two["compile_s"]
+            lo, hi = (compile_step(m, t, a.prompt, a.devices, a.expert, a.proxy) for m in LAYERS)
+            est = {k: hi[k] + (n - LAYERS[1]) * (hi[k] - lo[k]) / (LAYERS[1] - LAYERS[0])
+                   for k in ("args", "temp", "params")}
+            secs = lo["compile_s"] + hi["compile_s"]
+            layer = (hi["temp"] - lo["temp"]) / (LAYERS[1] - LAYERS[0])
         print(f"{t:>10}{est['params'] / 1e9:>10.2f}{est['args'] / gib:>10.2f}"
-              f"{est['temp'] / gib:>10.2f}{(est['args'] + est['temp']) / gib:>11.2f}{secs:>11.0f}",
+              f"{est['temp'] / gib:>10.2f}{(est['args'] + est['temp']) / gib:>11.2f}"
+              f"{layer / gib:>11.2f}{secs:>11.0f}",
               flush=True)
     if not a.full:
-        print("(1 and 2 layers compiled, extrapolated linearly to 48: arguments exact, "
-              "temporaries approximate)")
+        print(f"({LAYERS[0]} and {LAYERS[1]} layers compiled, extrapolated linearly to 48: "
+              "arguments exact, temporaries approximate)")
     if a.proxy:
         print("(temporaries with a grouped-kernel memory stand-in for ragged_dot; --no-proxy "
               "for XLA CPU's dense lowering)")
