@@ -38,6 +38,7 @@ from espo_jax.objectives import compute_advantages
 from espo_jax.rollout.engine import decode_model, engine_kwargs, sharded_engine_fn
 from espo_jax.train import checkpoint as ckpt_lib
 from espo_jax.train import mesh as mesh_lib
+from espo_jax.train import packing
 from espo_jax.train import report, writers
 from espo_jax.train import resume as resume_lib
 from espo_jax.train import validate as validate_lib
@@ -51,7 +52,6 @@ from espo_jax.train.rollout_phase import PromptOrder, PromptSource, collect
 from espo_jax.train.score_phase import score_extras
 from espo_jax.train.setup import batch_axes_size, load_policy, objective_hparams
 from espo_jax.train.state import create_state, state_shardings
-from espo_jax.train import packing
 from espo_jax.train.step import make_score_fn, make_train_step
 from espo_jax.train.tasks import build_task, stop_token_ids
 
@@ -105,7 +105,7 @@ def run(config, workdir) -> dict:
         routing_replay=replay, moe_aux_loss_coef=float(config.train.moe_aux_loss_coef)), mesh)
     lr_schedule = learning_rate_schedule(float(config.train.lr), int(config.train.warmup_steps))
     decode_fn = mesh_lib.sharded_decode_fn(mesh)
-    budget = int(config.train.get("max_tokens_per_row", 0))
+    budget = int(config.train.max_tokens_per_row)
 
     def packed(arrays):
         """train.max_tokens_per_row > 0: the packed rows of a (mini)batch (``train.packing``),
