@@ -1,7 +1,7 @@
 """Ahead-of-time compile of an ESPO train step for a Qwen3-1.7B-shaped model on a simulated
 8-device mesh (fsdp=4, tensor=2): abstract shapes only, no weights; prints per-device memory.
 
-It is the dry run's compile (``espo_jax.train.dry_run.compile_phases``, what
+It is the dry run's compile (``espo_jax.train.aot.compile_phases``, what
 ``python -m espo_jax.main --dry_run`` runs) of the product's ``make_train_step`` (forward
 over prompt + response -> chunked token log-probs -> policy_loss("espo") -> grads -> clip ->
 AdamW), jitted with the state shardings and the state donated, for ``configs/qwen3_math.py``
@@ -57,13 +57,13 @@ def _config(model_dir):
 
 
 def _compile(config, layers: int):
-    from espo_jax.train import dry_run
+    from espo_jax.train import aot
     from espo_jax.train.mesh import batch_divisor, make_mesh
 
     mesh = make_mesh(config.mesh)
-    shapes = dry_run.plan_shapes(config, batch_divisor(mesh))
+    shapes = aot.plan_shapes(config, batch_divisor(mesh))
     assert (shapes.minibatch_rows, shapes.prompt_len, shapes.response_len) == (B, P_LEN, N_LEN)
-    r = dry_run.compile_phases(config, mesh, shapes, num_layers=layers, phases=("train_step",))
+    r = aot.compile_phases(config, mesh, shapes, num_layers=layers, phases=("train_step",))
     m = r["train_step"]
     return dict(args=m["argument"], temp=m["temp"], out=m["output"], alias=m["alias"],
                 params=r["_n_params"], compile_s=m["compile_s"])

@@ -74,9 +74,9 @@ def compile_step(layers: int, tokens: int, prompt: int, devices: int, expert: in
              graphdef=graphdef, b_sh=b_sh, TrainState=TrainState)
     state, data = g.abstract_inputs(b, devices, prompt, tokens - prompt)
     t0 = time.perf_counter()
-    from espo_jax.train.dry_run import _CPU_COMPILE_OPTIONS  # the dry run's CPU scheduler
+    from espo_jax.train.aot import CPU_COMPILE_OPTIONS  # the dry run's CPU scheduler
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, data).compile(compiler_options=_CPU_COMPILE_OPTIONS)
+        compiled = step.lower(state, data).compile(compiler_options=CPU_COMPILE_OPTIONS)
     mem = compiled.memory_analysis()
     return dict(args=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
                 params=g.count_params(abs_params), compile_s=time.perf_counter() - t0)
