@@ -340,6 +340,14 @@ def test_moe_keys_on_a_dense_model_are_errors(tmp_path):
     (moe / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}))
     config.model.path = str(moe)
     validate(config, num_devices=1)
+    # Features without MoE support yet are refused before any weight is loaded.
+    for key, value in (("train.max_tokens_per_row", 256), ("rollout.max_concurrent", 4),
+                       ("model.scan_layers", True)):
+        bad = config.copy_and_resolve_references()
+        section, name = key.split(".")
+        bad[section][name] = value
+        with pytest.raises(ValueError, match=f"{key}=.* not supported for mixture-of-experts"):
+            validate(bad, num_devices=1)
 
 
 def test_non_expert_weights_are_split_over_fsdp_and_expert():

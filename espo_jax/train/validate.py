@@ -266,18 +266,25 @@ def _files(config, workdir: Any, check_data: bool = True) -> None:
 
 
 def _moe_keys(config, config_json: str) -> None:
-    """MoE-only keys set for a dense model are an error, not a silent no-op."""
+    """MoE-only keys set for a dense model are an error, not a silent no-op; features that
+    do not support MoE yet are refused for an MoE model before any weight is loaded."""
     import json  # noqa: PLC0415
-    on = [k for k, v in (("model.routing_replay", config.model.get("routing_replay", False)),
-                         ("train.moe_aux_loss_coef", config.train.get("moe_aux_loss_coef", 0.0)))
-          if v]
-    if not on:
-        return
     with open(config_json) as f:
         archs = json.load(f).get("architectures") or []
-    if "Qwen3MoeForCausalLM" not in archs:
-        raise ValueError(f"{on[0]} is set but model.path is not a mixture-of-experts model "
-                         f"(architectures {archs}); allowed: Qwen3MoeForCausalLM")
+    moe = "Qwen3MoeForCausalLM" in archs
+    moe_only = [k for k, v in (("model.routing_replay", config.model.routing_replay),
+                               ("train.moe_aux_loss_coef", config.train.moe_aux_loss_coef))
+                if v]
+    if moe_only and not moe:
+        raise ValueError(f"{moe_only[0]} is set but model.path is not a mixture-of-experts "
+                         f"model (architectures {archs}); allowed: Qwen3MoeForCausalLM")
+    dense_only = [k for k, v in (("train.max_tokens_per_row", config.train.max_tokens_per_row),
+                                 ("rollout.max_concurrent", config.rollout.max_concurrent),
+                                 ("model.scan_layers", config.model.scan_layers)) if v]
+    if dense_only and moe:
+        raise ValueError(f"{dense_only[0]}={_get(config, dense_only[0])!r} is not supported "
+                         f"for mixture-of-experts models yet (model.path is {archs[0]}); "
+                         "set it to 0 / False")
 
 
 def _resume_keys(config) -> None:
