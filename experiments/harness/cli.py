@@ -79,15 +79,17 @@ def write_report(out: pathlib.Path, *, title: str, intro: Sequence[str],
                  claims_title: str = "Claims of the paper at this scale") -> pathlib.Path:
     """report.md: setup, results table (``table`` replaces the default one), paired
     differences vs ``ref_name`` (when given), claims, plots, notes."""
-    summaries = [summarize(r, target) for r in results]
+    if table is None:
+        table = [f"Final eval accuracy = greedy accuracy on the held-out split after the last "
+                 f"step (mean ± sample std over seeds); mean eval acc = the mean of the "
+                 f"evaluations after step 0 (less noisy than one evaluation); eval AUC = the "
+                 f"trapezoid mean of the eval curve (step 0 included). Steps to target = first "
+                 f"evaluated step with accuracy ≥ {target:.3f} (mean over the seeds that reached "
+                 f"it). Clip fractions and entropy are per-update training metrics averaged "
+                 f"over all steps.", "",
+                 *results_table([summarize(r, target) for r in results])]
     lines = [f"# {title}", "", *intro, "", "## Setup", "", *setup, "",
-             "## Results", "",
-             f"Final eval accuracy = greedy accuracy on the held-out split after the last step "
-             f"(mean ± sample std over seeds); mean eval acc = the mean of the evaluations after "
-             f"step 0 (less noisy than one evaluation). Steps to target = first evaluated step with "
-             f"accuracy ≥ {target:.3f} (mean over the seeds that reached it). Clip fractions and "
-             "entropy are per-update training metrics averaged over all steps.", "",
-             *(results_table(summaries) if table is None else table), ""]
+             "## Results", "", *table, ""]
     if ref_name is not None:
         lines += [f"### Paired differences vs {ref_name}", "", PAIRED_TEXT.format(ref=ref_name),
                   "", *paired_table(paired_comparisons(results, ref_name)), ""]
