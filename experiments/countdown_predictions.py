@@ -48,7 +48,7 @@ def _by(results: Sequence[VariantResult]) -> dict[str, VariantResult]:
 
 def _diff_text(d: stats.PairedDiff) -> str:
     ci = f"[{d.ci_low:+.3f}, {d.ci_high:+.3f}]" if math.isfinite(d.ci_low) else "no CI"
-    p = f"p {d.p:.3f}" if math.isfinite(d.p) else "no p"
+    p = ("no p" if not math.isfinite(d.p) else "p < 0.001" if d.p < 1e-3 else f"p {d.p:.3f}")
     return f"{d.arm} − {d.ref} {d.mean:+.3f} {ci} {p} (n={d.n})"
 
 
