@@ -17,6 +17,10 @@ dapo/gmpo/cispo), seed-major within each phase.
     .venv/bin/python experiments/countdown_sweep.py --smoke --config configs/default.py \
         --out /tmp/cd_smoke                                           # plumbing check
 
+--seeds N or --seeds 0,1 gives every arm those seeds instead of the plan above (same queue
+phases); --arms restricts the arms; --smoke runs the config's :smoke variant of espo, gspo,
+grpo and espo 1 minibatch at seed 0.
+
 Resumable and parallel-safe (the harness: done.json, per-run .lock; rerun the same command
 to resume, or start it again in a second process). Writes OUT/report.md (one row per arm
 with its seed count, paired differences vs ESPO with Holm-corrected p, the pre-registered
