@@ -105,7 +105,8 @@ def queue(plan: dict[str, list[int]], *, runs_dir: pathlib.Path, config: pathlib
 def offpolicy_clip_run(records) -> float:
     """Mean over steps >= 1 and updates u >= 1 of minibatch{u}/clip_frac (NaN if none)."""
     keys = sorted({k for r in records for k in r if k.startswith("minibatch")
-                   and k.endswith("/clip_frac") and k.count("/") == 1 and k != "minibatch0/clip_frac"})
+                   and k.endswith("/clip_frac") and k.count("/") == 1
+                   and k != "minibatch0/clip_frac"})
     vals = [y for k in keys for y in series(records, k, min_step=1)[1]]
     return float(np.mean(vals)) if vals else float("nan")
 

@@ -132,8 +132,9 @@ def test_prediction_auc_order():
 
 
 def test_prediction_alpha_inside():
-    arms = lambda a01, a02, a05: [_arm("espo α=0.01", acc1=a01), _arm("espo", acc1=a02),  # noqa: E731
-                                  _arm("espo α=0.05", acc1=a05)]
+    def arms(a01, a02, a05):
+        return [_arm("espo α=0.01", acc1=a01), _arm("espo", acc1=a02),
+                _arm("espo α=0.05", acc1=a05)]
     v = _status(arms(0.5, 0.6, 0.55), 6)
     assert v.status == P.HOLDS and "mean AUC over seeds [0, 1, 2]" in v.detail
     assert _status(arms(0.5, 0.6, 0.65), 6).status == P.FAILS

@@ -167,7 +167,8 @@ def results_table(summaries: Sequence[dict]) -> list[str]:
             f"| {s['name']} | {s['n']} | {_ms(s['initial'])} | **{_ms(s['final'])}** | "
             f"{_ms(s['avg'])} | {_ms(s['auc'])} | "
             + (f"{_ms(s['sampled'])} | " if sampled else "") +
-            f"{_ms(s['best'])} | {_reach_cell(s['reach'])} | {_ms(s['clip_frac_high'], '{:.4f}')} | "
+            f"{_ms(s['best'])} | {_reach_cell(s['reach'])} | "
+            f"{_ms(s['clip_frac_high'], '{:.4f}')} | "
             f"{_ms(s['clip_frac_low'], '{:.4f}')} | {_ms(s['clip_frac'], '{:.4f}')} | "
             f"{s['entropy_first']:.3f}→{s['entropy_last']:.3f} | "
             f"{_ms(s['response_len_mean'], '{:.1f}')} | {np.mean(s['wall_s']) / 60:.1f} |")

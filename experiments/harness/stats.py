@@ -82,8 +82,8 @@ def paired_diff(a: Mapping[int, float], b: Mapping[int, float], *, arm: str = "a
                 ref: str = "b", metric: str = "", conf: float = 0.95) -> PairedDiff:
     """Paired difference a − b by seed: mean, ``conf`` t-interval, two-sided t-test p.
 
-    Zero spread (all differences equal up to rounding, n >= 2): the interval collapses to the mean and p is
-    1 when the mean is 0, else 0 (the limit of the t-test; scipy returns NaN there)."""
+    Zero spread (all differences equal up to rounding, n >= 2): the interval collapses to
+    the mean and p is 1 when the mean is 0, else 0 (the t-test's limit; scipy gives NaN)."""
     pr = pair_by_seed(a, b)
     d = pr.a - pr.b
     n = len(d)
