@@ -150,9 +150,14 @@ def plot_length(results, path: pathlib.Path, *, title=""):
     return path
 
 
-def plot_minibatch_clip(results, path: pathlib.Path, *, updates: int = 4, title=""):
+def plot_minibatch_clip(results, path: pathlib.Path, *, max_updates: int = 4, title=""):
     """Clip fraction of each minibatch update u (``minibatch{u}/clip_frac``): u = 0 is
-    on-policy, u >= 1 off-policy; one panel per u, one line per arm."""
+    on-policy, u >= 1 off-policy; one panel per logged u (at most ``max_updates``), one
+    line per arm."""
+    found = {int(k.split("/")[0][len("minibatch"):]) for res in results for rec in res.records
+             for r in rec for k in r if k.startswith("minibatch") and k.endswith("/clip_frac")
+             and k.count("/") == 1}
+    updates = max(1, min(max_updates, max(found, default=0) + 1))
     plt = _plt()
     fig, axes = plt.subplots(1, updates, figsize=(3.2 * updates, 3.4), dpi=90, sharey=True)
     axes = np.atleast_1d(axes)
