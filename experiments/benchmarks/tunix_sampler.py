@@ -33,6 +33,12 @@ top_p=1.0 (plain categorical sampling). Useful tokens = response tokens up to an
 including the stop token. Responses differ across samplers (different random streams),
 so lengths differ; the table gives the mean/max.
 
+Two Tunix 0.1.7 behaviours this script works around: its Sampler reads the stop ids
+(`eos_tokens`) when it traces its jitted decode, so a later call with other stop ids
+silently stops on the first call's (hence one Sampler per stop set, i.e. per process
+here); and importing tunix.models.qwen3 sets flax's `flax_always_shard_variable` to False
+process-wide (harmless for our model on one device).
+
 Every timed call blocks until its outputs are ready (Tunix's call returns host arrays);
 one warm-up call each (the compiles), then --reps rounds, samplers interleaved within a
 round so that they see the same machine load; medians.
