@@ -22,7 +22,10 @@ phases); --arms restricts the arms; --smoke runs the config's :smoke variant of 
 grpo and espo 1 minibatch at seed 0.
 
 Resumable and parallel-safe (the harness: done.json, per-run .lock; rerun the same command
-to resume, or start it again in a second process). Writes OUT/report.md (one row per arm
+to resume, or start it again in a second process). The small files of finished runs
+(metrics.jsonl, config.json, spec.json, done.json) are kept in OUT/runs/ (``--archive``;
+commit them with the report): a sweep started on a fresh machine restores them first and runs
+only what is missing. Writes OUT/report.md (one row per arm
 with its seed count, paired differences vs ESPO with Holm-corrected p, the pre-registered
 predictions of results/countdown/predictions.md each marked holds / does not hold / not yet
 testable) and PNG plots.
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, default_out=str(DEFAULT_OUT))
-    p.set_defaults(config=str(DEFAULT_CONFIG))
+    # Finished runs' metrics are committed under OUT/runs, so the sweep resumes on any machine.
+    p.set_defaults(config=str(DEFAULT_CONFIG), archive=str(DEFAULT_OUT / "runs"))
     p.add_argument("--arms", default=None,
                    help=f"comma list of arms (default all {len(ARMS)}; --smoke: "
                         f"{','.join(SMOKE_ARMS)})")

@@ -163,10 +163,20 @@ def test_report_only_on_fake_runs(tmp_path):
             _fake_finished(r, _records(acc1=acc[r.variant.name] + 0.01 * r.seed,
                                        clip=(0.0, clip[r.variant.name]), sampled=0.4,
                                        g0=(0.05, 0.002), seed=r.seed))
+    archive = tmp_path / "archive"
     rc = S.main(["--report_only", "--config", str(DEFAULT), "--runs_dir", str(runs_dir),
-                 "--out", str(out), "--arms", ",".join(names)])
+                 "--out", str(out), "--arms", ",".join(names), "--archive", str(archive)])
     assert rc == 0
     text = (out / "report.md").read_text()
+    # The archive keeps the finished runs' metrics: from a fresh runs dir (another machine)
+    # the report has the same rows.
+    assert sorted(p.name for p in next(archive.rglob("seed0")).iterdir()) == [
+        "config.json", "done.json", "metrics.jsonl"]
+    assert S.main(["--report_only", "--config", str(DEFAULT), "--runs_dir",
+                   str(tmp_path / "fresh"), "--out", str(tmp_path / "out2"), "--arms",
+                   ",".join(names), "--archive", str(archive)]) == 0
+    again = (tmp_path / "out2" / "report.md").read_text()
+    assert again.split("## Plots")[0] == text.split("## Plots")[0]
     assert "| espo | 5 | 0.620 ± 0.016 |" in text and "| dapo | 4 |" in text
     assert "final sampled acc (T=1)" in text and "| 0.400 ± 0.000 |" in text
     assert "| final greedy accuracy | gspo | 5 | -0.050 | [-0.050, -0.050] |" in text
@@ -178,4 +188,5 @@ def test_report_only_on_fake_runs(tmp_path):
               "espo_group_clip_vs_entropy.png", "espo_groups.png"):
         assert (out / f).stat().st_size > 5000 and f"]({f})" in text, f
     with pytest.raises(SystemExit, match="unknown"):
-        S.main(["--report_only", "--config", str(DEFAULT), "--arms", "ppo"])
+        S.main(["--report_only", "--config", str(DEFAULT), "--arms", "ppo",
+                "--archive", str(archive)])

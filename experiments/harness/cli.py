@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from harness.plots import plot_accuracy, plot_clip, plot_entropy_clip, plot_groups, plot_length
 from harness.results import (VariantResult, paired_comparisons, paired_table, results_table,
                              summarize)
-from harness.runner import is_finished, run_all
+from harness.runner import archive_finished, is_finished, restore_archived, run_all
 from harness.specs import DEFAULT_CONFIG, DEFAULT_RUNS, REPO, Run, _fmt
 
 
@@ -33,6 +33,10 @@ def add_common_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
                         "+ 0.10)")
     p.add_argument("--notes", default=None, help="markdown file appended to report.md")
     p.add_argument("--report_only", action="store_true", help="aggregate finished runs only")
+    p.add_argument("--archive", default=None,
+                   help="folder keeping the small files of finished runs (metrics, config), "
+                        "e.g. committed with the report: restored into --runs_dir before the "
+                        "sweep, updated after it")
     p.add_argument("--keep_checkpoints", action="store_true",
                    help="keep checkpoints/ and final_policy/ of finished runs")
     p.add_argument("--timeout", type=float, default=None, help="per-run wall limit (s)")
@@ -152,12 +156,21 @@ def resolved_settings(runs: Sequence[Run]) -> list[str]:
 
 
 def run_sweep(runs: Sequence[Run], args) -> list[dict]:
-    """run_all with the CLI options of add_common_args (nothing when --report_only)."""
+    """run_all with the CLI options of add_common_args (nothing when --report_only). With
+    --archive, finished runs are restored from the archive first and archived after."""
+    runs_dir = pathlib.Path(args.runs_dir)
+    archive = pathlib.Path(args.archive) if args.archive else None
+    if archive is not None:
+        restore_archived(runs, runs_dir, archive)
     if args.report_only:
-        return []
-    cache = None if args.no_compile_cache else pathlib.Path(args.runs_dir) / ".jax_cache"
-    return run_all(runs, jobs=args.jobs, keep_checkpoints=args.keep_checkpoints,
-                   timeout_s=args.timeout, compile_cache=cache)
+        statuses = []
+    else:
+        cache = None if args.no_compile_cache else runs_dir / ".jax_cache"
+        statuses = run_all(runs, jobs=args.jobs, keep_checkpoints=args.keep_checkpoints,
+                           timeout_s=args.timeout, compile_cache=cache)
+    if archive is not None:
+        print(f"archived {archive_finished(runs, runs_dir, archive)} finished runs in {archive}")
+    return statuses
 
 
 def finish(args, *, out: pathlib.Path, config: pathlib.Path, runs: Sequence[Run],

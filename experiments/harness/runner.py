@@ -201,3 +201,49 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
         return []
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in recs if "event" not in r]
+
+
+# What a finished run's report needs; everything else (plots, logs, tensorboard) is remade.
+ARCHIVED_FILES = ("spec.json", "done.json", "config.json", "metrics.jsonl")
+
+
+def _archived(run: Run, runs_dir: pathlib.Path, archive: pathlib.Path) -> pathlib.Path:
+    return archive / run.workdir.relative_to(runs_dir)
+
+
+def restore_archived(runs: Sequence[Run], runs_dir: pathlib.Path, archive: pathlib.Path,
+                     log=print) -> int:
+    """Copy archived finished runs into ``runs_dir`` where it has none, so a sweep started on
+    a fresh machine skips them (``is_finished``) and its report includes them. Returns the
+    number restored."""
+    n = 0
+    for run in runs:
+        src = _archived(run, runs_dir, archive)
+        if is_finished(run) or not (src / "done.json").is_file():
+            continue
+        if (run.workdir / "spec.json").is_file():  # a partial run of its own: keep it
+            continue
+        run.workdir.mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, run.workdir / name)
+        n += is_finished(run)
+    if n:
+        log(f"restored {n} finished runs from {archive}")
+    return n
+
+
+def archive_finished(runs: Sequence[Run], runs_dir: pathlib.Path, archive: pathlib.Path) -> int:
+    """Copy the small files of every finished run (ARCHIVED_FILES, ~60-100 KB a run) to
+    ``archive`` (e.g. a committed results folder), so the sweep survives the machine."""
+    n = 0
+    for run in runs:
+        if not is_finished(run):
+            continue
+        dst = _archived(run, runs_dir, archive)
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED_FILES:
+            if (run.workdir / name).is_file():
+                shutil.copy2(run.workdir / name, dst / name)
+        n += 1
+    return n
