@@ -341,13 +341,15 @@ def test_moe_keys_on_a_dense_model_are_errors(tmp_path):
     config.model.path = str(moe)
     validate(config, num_devices=1)
     # Features without MoE support yet are refused before any weight is loaded.
-    for key, value in (("train.max_tokens_per_row", 256), ("rollout.max_concurrent", 4),
-                       ("model.scan_layers", True)):
+    for key, value in (("train.max_tokens_per_row", 256), ("model.scan_layers", True)):
         bad = config.copy_and_resolve_references()
         section, name = key.split(".")
         bad[section][name] = value
         with pytest.raises(ValueError, match=f"{key}=.* not supported for mixture-of-experts"):
             validate(bad, num_devices=1)
+    ok = config.copy_and_resolve_references()  # the engine runs MoE (routing recorded)
+    ok.rollout.max_concurrent = 4
+    validate(ok, num_devices=1)
 
 
 def test_non_expert_weights_are_split_over_fsdp_and_expert():
