@@ -333,13 +333,15 @@ STATIC_ARGNUMS = (0, 1)
 engine_jit = jax.jit(engine_decode, static_argnums=STATIC_ARGNUMS)
 
 
+@functools.lru_cache(maxsize=8)
 def sharded_engine_fn(mesh, axes=("data", "fsdp")):
     """An ``engine_fn`` for ``generate`` that runs one engine per batch shard: the rows
     split over ``axes`` of ``mesh`` (contiguous blocks), each device decodes its rows
     with its own ceil(K / shards) slots and its own loop (no cross-device sync per
     token), keys from the global row indices (so the same tokens as on one device).
     Weights enter replicated (pass ``decode_model``'s copy; a TP split is gathered at
-    entry). Batches that do not divide the shards use ``engine_jit``.
+    entry). Batches that do not divide the shards use ``engine_jit``. Cached per (mesh,
+    axes), so the training rollout and evaluation share one compiled program.
     """
     from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
@@ -368,6 +370,17 @@ def sharded_engine_fn(mesh, axes=("data", "fsdp")):
         return run(graphdef, local, state, prompts, *rest, jnp.arange(b, dtype=jnp.int32))
 
     return fn
+
+
+def model_engine_fn(model: nnx.Module):
+    """``sharded_engine_fn`` on the mesh the model's weights are placed on (a
+    ``NamedSharding`` over more than one device), else None (``engine_jit``): what the
+    training rollout uses, for callers that only hold the model (evaluation)."""
+    for leaf in jax.tree.leaves(nnx.state(model)):
+        sh = getattr(leaf, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding):
+            return sharded_engine_fn(sh.mesh) if sh.mesh.size > 1 else None
+    return None
 
 
 def right_align(ids: np.ndarray, mask: np.ndarray, chunk: int, pad_id: int):
