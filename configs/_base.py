@@ -95,9 +95,13 @@ def base_config() -> ml_collections.ConfigDict:
         # max_len 0 = rollout.max_new_tokens at run time; buffer 0 = buffer_frac * max_len.
         overlong=ml_collections.ConfigDict(dict(enable=False, max_len=0, buffer=0,
                                                 buffer_frac=0.25, penalty=1.0))))
+    # num_samples = k of avg@k (k > 1 samples at eval.temperature) for eval_accuracy;
+    # sampled_samples = k > 0 adds eval_sampled_accuracy (pass@1 over k samples at
+    # sampled_temperature) next to it. seed: the eval problems of generated tasks and the
+    # eval sampling key, the same for every run seed (paired comparisons across arms).
     c.eval = ml_collections.ConfigDict(dict(
         every=10, num_examples=64, num_samples=1, temperature=0.0, max_new_tokens=32,
-        batch_size=0))  # num_samples = k of avg@k (k > 1 samples at eval.temperature)
+        batch_size=0, sampled_samples=0, sampled_temperature=1.0, seed=0))
     c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
     # Storage dtype of the final policy: auto (the source checkpoint's torch_dtype),
     # float32 or bfloat16.

@@ -118,6 +118,11 @@ def test_report_and_claims_on_synthetic_runs(tmp_path):
         assert f"]({f})" in text
     assert "| espo | 3 | 0.200 ± 0.000 | **0.510 ± 0.010** | 0.432 ± 0.008 |" in text
     assert "steps to target" in text and "3.0 (3/3)" in text   # target 0.30, reached at step 3
+    # Paired differences vs ESPO: by seed, final acc gspo − espo = 0.3 − 0.5 on every seed.
+    paired = text.split("### Paired differences vs espo")[1].split("## Claims")[0]
+    assert "| final greedy accuracy | gspo | 3 | -0.200 | [-0.200, -0.200] | <0.001 |" in paired
+    assert "| eval AUC | grpo | 3 |" in paired
+    assert "final sampled acc" not in text     # not logged by these runs
     claims = text.split("## Claims")[1].split("## Plots")[0]
     assert "GSPO clips the most tokens: **holds**" in claims
     assert "Token-level methods (grpo) clip the least: **holds**" in claims

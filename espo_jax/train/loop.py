@@ -78,7 +78,7 @@ def run(config, workdir) -> dict:
         config_name = resume_lib.save_config(workdir, config, latest)
 
     mesh = mesh_lib.make_mesh(config.mesh)
-    task = build_task(config.task, int(config.seed))
+    task = build_task(config.task, int(config.seed), eval_seed=int(config.eval.seed))
     model, tok = load_policy(config, mesh)
     tx = make_optimizer(config.train)
     with_ref = config.train.beta > 0
@@ -121,7 +121,7 @@ def run(config, workdir) -> dict:
                            order=PromptOrder(len(task.train), int(config.seed)),
                            stop_ids=tuple(stop_token_ids(tok, config.model.path)),
                            decode_fn=decode_fn, engine_fn=sharded_engine_fn(mesh))
-    eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 2**30)
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.eval.seed)), 2**30)
 
     def to_device(tree):
         """Host arrays (the same full batch on every host) -> global device arrays: each

@@ -47,13 +47,15 @@ def _take(examples: list[Example], n: int) -> list[Example]:
     return examples if n <= 0 else examples[:n]
 
 
-def build_task(task_cfg, seed: int) -> Task:
-    """The task named by ``task_cfg.name`` with its splits; errors name the key or file."""
+def build_task(task_cfg, seed: int, *, eval_seed: int) -> Task:
+    """The task named by ``task_cfg.name`` with its splits; errors name the key or file.
+    seed: the training problems of generated tasks (and so the prompt order of a run);
+    eval_seed: their eval problems, fixed across run seeds so every run scores the same set."""
     name = task_cfg.name
     if name == "arith":
         from espo_jax.data import arith  # noqa: PLC0415
         train = arith.make_examples("train", int(task_cfg.num_train), seed)
-        evals = arith.make_examples("eval", int(task_cfg.num_eval), seed)
+        evals = arith.make_examples("eval", int(task_cfg.num_eval), eval_seed)
         verify = arith.verify
     elif name == "math":
         from espo_jax.rewards import score_math  # noqa: PLC0415

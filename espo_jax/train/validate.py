@@ -175,6 +175,9 @@ def _eval_and_io(config, batch_devices: int) -> None:
     k = _int(config, "eval.num_samples", lo=1)
     _int(config, "eval.max_new_tokens", lo=1)
     bs = _int(config, "eval.batch_size", lo=0)
+    if _int(config, "eval.sampled_samples", lo=0) > 0:
+        _float(config, "eval.sampled_temperature", lo=0.0, lo_open=True)
+    _int(config, "eval.seed", lo=0)
     if k > 1:
         _float(config, "eval.temperature", lo=0.0, lo_open=True)
     else:

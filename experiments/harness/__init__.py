@@ -1,6 +1,7 @@
 """Shared machinery of the experiment sweeps: define, run (resumable, parallel), aggregate, plot, report.
 
-Used by ``experiments/compare_objectives.py`` and ``experiments/ablations.py``. It drives the
+Used by ``experiments/compare_objectives.py``, ``experiments/ablations.py`` and
+``experiments/countdown_sweep.py``. It drives the
 runner like a user does, one subprocess per run::
 
     python -m espo_jax.main --config=CONFIG[:smoke,OBJECTIVE] --workdir=RUNS/<slug>/seed<k> \
@@ -28,7 +29,8 @@ the same workdir at once.
 
 Modules, one concern each: ``specs`` (variants, runs, identity), ``runner`` (subprocesses,
 resume, locks, signals), ``results`` (aggregation, tables), ``plots``, ``claims`` (trends,
-correlations, verdicts), ``cli`` (shared arguments, report, finish). The sweep scripts use
+correlations, verdicts), ``stats`` (paired-seed differences, t-intervals, Holm, AUC),
+``cli`` (shared arguments, report, finish). The sweep scripts use
 the names re-exported here.
 """
 from harness.claims import correlation, trend, verdict

@@ -148,3 +148,78 @@ def plot_length(results, path: pathlib.Path, *, title=""):
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_minibatch_clip(results, path: pathlib.Path, *, max_updates: int = 4, title=""):
+    """Clip fraction of each minibatch update u (``minibatch{u}/clip_frac``): u = 0 is
+    on-policy, u >= 1 off-policy; one panel per logged u (at most ``max_updates``), one
+    line per arm."""
+    found = {int(k.split("/")[0][len("minibatch"):]) for res in results for rec in res.records
+             for r in rec for k in r if k.startswith("minibatch") and k.endswith("/clip_frac")
+             and k.count("/") == 1}
+    updates = max(1, min(max_updates, max(found, default=0) + 1))
+    plt = _plt()
+    fig, axes = plt.subplots(1, updates, figsize=(3.2 * updates, 3.4), dpi=90, sharey=True)
+    axes = np.atleast_1d(axes)
+    for u, ax in enumerate(axes):
+        for res, c in zip(results, _colors(len(results))):
+            _band(ax, res, f"minibatch{u}/clip_frac", c, min_step=1)
+        ax.set(xlabel="step", title=f"minibatch {u}" + (" (on-policy)" if u == 0 else ""))
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("clip fraction")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or "Clip fraction per minibatch update (mean over seeds; band = "
+                 "min..max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_entropy(results, path: pathlib.Path, *, title=""):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
+    for res, c in zip(results, _colors(len(results))):
+        _band(ax, res, "entropy_mean", c, min_step=1)
+    ax.set(xlabel="step", ylabel="mean token entropy (nats)",
+           title=title or "Old-policy entropy of sampled tokens (mean over seeds; band = "
+                          "min..max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_group_clip_vs_entropy(res: VariantResult, path: pathlib.Path, *, title=""
+                               ) -> pathlib.Path | None:
+    """ESPO's per-group clip fraction against its mean entropy, one point per (step,
+    seed-mean), coloured by step: does the clip fraction rise as entropy falls?"""
+    groups = sorted({k.split("/")[0] for rec in res.records for r in rec for k in r
+                     if k.startswith("group") and k.endswith("/clip_frac")})
+    if not groups:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.8), dpi=90,
+                             squeeze=False)
+    for g, ax in zip(groups, axes[0]):
+        xe, e = res.stack("entropy_mean", min_step=1)
+        xc, c = res.stack(f"{g}/clip_frac", min_step=1)
+        common = np.intersect1d(xe, xc)
+        if not len(common):
+            continue
+        ev = e[:, np.searchsorted(xe, common)].mean(0)
+        cv = c[:, np.searchsorted(xc, common)].mean(0)
+        sc = ax.scatter(ev, cv, c=common, cmap="viridis", s=14)
+        ax.set(xlabel="mean token entropy (nats)", ylabel=f"{g} clip fraction",
+               title=f"{g}" + (" (highest entropy)" if g == "group0" else ""))
+        ax.grid(alpha=0.3)
+        fig.colorbar(sc, ax=ax, label="step")
+    fig.suptitle(title or f"{res.variant.name}: group clip fraction vs entropy (seed means)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
