@@ -25,7 +25,8 @@ def test_eval_on_a_mesh_uses_the_sharded_engine_and_equals_one_device(monkeypatc
     config.eval.batch_size = 8
     config.eval.num_samples = 2      # sampled (T > 0): keys follow the global rows
     config.eval.temperature = 1.0
-    task = build_task(config.task, int(config.seed))
+    config.eval.sampled_samples = 2  # and the T=1 pass
+    task = build_task(config.task, int(config.seed), eval_seed=int(config.eval.seed))
     one = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     model1, tok = load_policy(config, one)
     mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
@@ -48,7 +49,7 @@ def test_eval_on_a_mesh_uses_the_sharded_engine_and_equals_one_device(monkeypatc
     assert not used  # one device: the plain engine
     got = evaluate(model8, task, tok, config, key=key)
     assert used and all(b % 4 == 0 for b in used)  # rows split over data x fsdp = 4
-    assert ref["eval_num"] == got["eval_num"] == 16
+    assert ref["eval_num"] == got["eval_num"] == 16 and "eval_sampled_accuracy" in got
     for name, value in ref.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-6, err_msg=name)
     assert 0 < ref["eval_response_len_mean"] < config.eval.max_new_tokens
