@@ -398,3 +398,29 @@ def test_engine_equals_static_sampler_with_routing(rollout):
                        key=jax.random.key(0), eos_id=None, pad_id=0, max_concurrent=k)
               for k in (None, 2)]
     np.testing.assert_array_equal(np.asarray(greedy[1].tokens), np.asarray(greedy[0].tokens))
+
+
+def test_sharded_engine_on_an_expert_mesh_equals_one_device(rollout):
+    """The training rollout's path on an FSDP x expert mesh: decode_model gathers the
+    expert / FSDP splits once, one engine per batch shard runs all experts locally (no
+    nested expert-parallel shard_map); the same tokens and recorded experts."""
+    from espo_jax.rollout import generate
+    from espo_jax.rollout.engine import decode_model, sharded_engine_fn
+    from espo_jax.train import mesh as mesh_lib
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    _, model, _ = rollout
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=2, tensor=1, expert=4))
+    _, state, _ = _state(model, mesh)
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(1, V, size=n)) for n in (6, 2, 8, 4)]
+    kw = dict(max_new_tokens=8, temperature=1.0, key=jax.random.key(4),
+              eos_id=list(range(1, 25)), num_samples=2, pad_id=0, max_concurrent=4)
+    ref = jax.device_get(generate(model, prompts, **kw))
+    got = generate(decode_model(state.compute_model()), prompts, **kw,
+                   engine_fn=sharded_engine_fn(mesh))
+    assert got.tokens.sharding.spec[0] == "fsdp"  # rows split over the 2 fsdp shards
+    got = jax.device_get(got)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_array_equal(got.routed_experts, ref.routed_experts)
+    assert ref.lengths.min() < 8
