@@ -25,8 +25,10 @@ Randomness: token t of row i is drawn with ``fold_in(fold_in(key, i), t)``
 (``sampling.token_keys``), whatever slot or step it runs in, so the responses do not
 depend on K (nor on the static sampler vs this engine).
 
-The decode forward reuses the model's own modules (projections, norms, MLP, RoPE) and
-weights; only the attention and cache layout are the engine's.
+The decode forward reuses the model's own modules (projections, norms, MLP or routed
+experts, RoPE) and weights; only the attention and cache layout are the engine's. For an
+MoE model the engine records the experts of every token it feeds in, in the static
+sampler's ``routed_experts`` layout (``EngineOptions.routed_width``), for routing replay.
 """
 from __future__ import annotations
 
