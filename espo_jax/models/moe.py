@@ -115,6 +115,9 @@ def _ep_axes(mesh, n, d, f, e):
     applies to these shapes on `mesh`, else None."""
     if mesh.empty or "expert" not in mesh.axis_names or mesh.shape["expert"] <= 1:
         return None
+    if "expert" in getattr(mesh, "manual_axes", ()):  # inside a shard_map (the per-device
+        return None                                     # rollout engine): local experts all
+
     big = lambda a: a in mesh.axis_names and mesh.shape[a] > 1  # noqa: E731
     rows = tuple(a for a in batch_axes(mesh) if big(a))
     fs = "fsdp" if big("fsdp") else None

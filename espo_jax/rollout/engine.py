@@ -25,8 +25,10 @@ Randomness: token t of row i is drawn with ``fold_in(fold_in(key, i), t)``
 (``sampling.token_keys``), whatever slot or step it runs in, so the responses do not
 depend on K (nor on the static sampler vs this engine).
 
-The decode forward reuses the model's own modules (projections, norms, MLP, RoPE) and
-weights; only the attention and cache layout are the engine's.
+The decode forward reuses the model's own modules (projections, norms, MLP or routed
+experts, RoPE) and weights; only the attention and cache layout are the engine's. For an
+MoE model the engine records the experts of every token it feeds in, in the static
+sampler's ``routed_experts`` layout (``EngineOptions.routed_width``), for routing replay.
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ class EngineOptions:
     the first = K; sampling flags and pad_id as in ``sampler.DecodeOptions``;
     cache_dtype (None = the model's compute dtype); sampling: ``sampling.sample_rows``'s
     method; prefill_rows: slots prefilled together (free slots wait until that many are
-    free or nothing else decodes).
+    free or nothing else decodes); routed_width: MoE models only, the left-padded prompt
+    width P0 of the routed-experts output (``sampler.Rollout``'s layout [B, P0 + N, L, k]).
     """
     max_new_tokens: int
     max_concurrent: int
@@ -69,6 +72,7 @@ class EngineOptions:
     cache_dtype: Any = None
     sampling: str = "gumbel"
     prefill_rows: int = 1
+    routed_width: int = 0
 
 
 def default_decode_sizes(k: int) -> tuple:
@@ -87,21 +91,17 @@ def kv_cache_bytes(config, max_concurrent: int, max_len: int, dtype="bfloat16") 
 
 # ----------------------------------------------------------------------------- forward
 
-def _mlp(layer, x):
-    out = layer.mlp(x)
-    return out[0] if isinstance(out, tuple) else out  # a MoE block may also return aux
-
-
 def _forward(model, ids, positions, cache, write, attend):
     """The decoder trunk with the engine's cache: ids, positions i32[M, T] ->
-    final-norm hidden f32[M, T, D], new cache. ``write(c, k, v)`` stores a layer's new
-    keys / values [M, T, KVH, hd] and returns the layer's new cache {"k", "v"};
+    final-norm hidden f32[M, T, D], new cache, and the experts i32[M, T, L, k] the L
+    sparse layers' routers picked (None for a dense model). ``write(c, k, v)`` stores a
+    layer's new keys / values [M, T, KVH, hd] and returns the layer's new cache {"k", "v"};
     ``attend(q, c)`` is the attention over it."""
     cfg = model.config
     inv_freq = rope_inv_freq(cfg)
     m, t = ids.shape
     x = jnp.take(model.embed_tokens[...], ids, axis=0).astype(model.dtype)
-    new_cache = []
+    new_cache, experts = [], []
     for layer, c in zip(model.layers, cache):
         a = layer.self_attn
         h = layer.input_layernorm(x)
@@ -109,9 +109,16 @@ def _forward(model, ids, positions, cache, write, attend):
         c = write(c, k, v)
         o = attend(q, c)
         x = x + a.o_proj(o.reshape(m, t, -1))
-        x = x + _mlp(layer, layer.post_attention_layernorm(x))
+        h = layer.post_attention_layernorm(x)
+        if getattr(layer, "sparse", False):  # routed experts (Qwen3-MoE)
+            h, routing = layer.mlp(h)
+            experts.append(routing["experts"])
+        else:
+            h = layer.mlp(h)
+        x = x + h
         new_cache.append(c)
-    return model.norm(x, out_dtype=jnp.float32), new_cache
+    routed = jnp.stack(experts, axis=2) if experts else None
+    return model.norm(x, out_dtype=jnp.float32), new_cache, routed
 
 
 def _unembed(model, w, hidden):
@@ -138,7 +145,8 @@ def engine_decode(
     bigger rollout passes its global rows).
     Rows are started in index order. Returns (tokens i32[B, N] (pad_id after the end),
     lengths i32[B], logprobs f32[B, N] (0 after the end), stats i32[1 + len(decode_sizes)]:
-    the number of prefill steps, then of decode steps at each size).
+    the number of prefill steps, then of decode steps at each size), plus, for an MoE
+    model, routed_experts u8[B, routed_width + N, L, k] (``sampler.Rollout``).
     """
     model = nnx.merge(graphdef, state)
     cfg = model.config
@@ -148,6 +156,9 @@ def engine_decode(
     if p % c:
         raise ValueError(f"prompt width {p} must be a multiple of prefill_chunk {c}")
     s = -(-(p + n) // blk) * blk
+    if getattr(cfg, "is_moe", False) and o.routed_width < 1:
+        raise ValueError("EngineOptions.routed_width must be the left-padded prompt width "
+                         "(>= 1) for an MoE model (the routed-experts output layout)")
     cdt = jnp.dtype(o.cache_dtype) if o.cache_dtype is not None else jnp.dtype(model.dtype)
     shape = (k, s, cfg.num_kv_heads, cfg.head_dim)
     cache = [{"k": jnp.zeros(shape, cdt), "v": jnp.zeros(shape, cdt)}
@@ -176,6 +187,25 @@ def engine_decode(
     out = dict(tokens=jnp.full((b, n), o.pad_id, jnp.int32),
                logps=jnp.zeros((b, n), jnp.float32), lengths=jnp.zeros((b,), jnp.int32),
                stats=jnp.zeros((1 + len(o.decode_sizes),), jnp.int32))
+    moe = bool(getattr(cfg, "is_moe", False))
+    if moe:  # the experts of every token fed in, in the static sampler's layout
+        rdt = jnp.uint8 if cfg.num_experts <= 256 else jnp.int16
+        nl, top = len(cfg.moe_layers), cfg.num_experts_per_tok
+        out["routed"] = jnp.zeros((b, o.routed_width + n, nl, top), rdt)
+
+    def record(out, rows, pos, rx, ok):
+        """Store the experts rx [M, T, L, k] of the tokens at cache positions pos [M, T]
+        of rows [M] where ok [M, T]: prompt token j of a row of length l goes to slot
+        P0 - l + j of the left-padded layout, response token t to P0 + t (= pos + P0 - l)."""
+        if not moe:
+            return out
+        rr = jnp.clip(rows, 0, b - 1)
+        dst = pos + o.routed_width - prompt_len[rr][:, None]
+        r = jnp.where(ok, rr[:, None], b)
+        out = dict(out)
+        out["routed"] = out["routed"].at[r, dst].set(rx.astype(out["routed"].dtype),
+                                                     mode="drop")
+        return out
 
     def emit(out, rows, steps, tok, logp, live):
         """Write token `steps` of `rows` (dropped where not live) and finish rows."""
@@ -214,7 +244,8 @@ def engine_decode(
             return ragged_attention(q, cc["k"], cc["v"], sel, pos,
                                     jnp.where(valid, off + c, 0), block=blk)
 
-        hidden, cache = _forward(model, ids, pos, cache, write, attend)
+        hidden, cache, rx = _forward(model, ids, pos, cache, write, attend)
+        out = record(out, row, pos, rx, valid[:, None] & (pos < plen[:, None]))
         last = jnp.clip(plen - 1 - off, 0, c - 1)
         logits = _unembed(model, w, hidden[jnp.arange(mp), last])
         zero = jnp.zeros((mp,), jnp.int32)
@@ -250,8 +281,9 @@ def engine_decode(
                                         pos[:, None],
                                         jnp.where(live, pos + 1, 0), block=blk)
 
-            hidden, cache = _forward(model, slots["prev"][safe][:, None], pos[:, None], cache,
-                                     write, attend)
+            hidden, cache, rx = _forward(model, slots["prev"][safe][:, None], pos[:, None],
+                                         cache, write, attend)
+            out = record(out, rows, pos[:, None], rx, live[:, None])
             logits = _unembed(model, w, hidden[:, 0])
             tok, logp = sample(logits, keys_of(rows, steps))
             out, done = emit(out, rows, steps, tok, logp, live)
@@ -295,20 +327,23 @@ def engine_decode(
 
     carry = (slots, out, jnp.asarray(0, jnp.int32), cache)
     _, out, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out["tokens"], out["lengths"], out["logps"], out["stats"]
+    res = (out["tokens"], out["lengths"], out["logps"], out["stats"])
+    return res + (out["routed"],) if moe else res
 
 
 STATIC_ARGNUMS = (0, 1)
 engine_jit = jax.jit(engine_decode, static_argnums=STATIC_ARGNUMS)
 
 
+@functools.lru_cache(maxsize=8)
 def sharded_engine_fn(mesh, axes=("data", "fsdp")):
     """An ``engine_fn`` for ``generate`` that runs one engine per batch shard: the rows
     split over ``axes`` of ``mesh`` (contiguous blocks), each device decodes its rows
     with its own ceil(K / shards) slots and its own loop (no cross-device sync per
     token), keys from the global row indices (so the same tokens as on one device).
     Weights enter replicated (pass ``decode_model``'s copy; a TP split is gathered at
-    entry). Batches that do not divide the shards use ``engine_jit``.
+    entry). Batches that do not divide the shards use ``engine_jit``. Cached per (mesh,
+    axes), so the training rollout and evaluation share one compiled program.
     """
     from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
@@ -323,7 +358,7 @@ def sharded_engine_fn(mesh, axes=("data", "fsdp")):
         return jax.shard_map(
             body, mesh=mesh, check_vma=False,
             in_specs=(P(), rows, rows, rows, P(), P(), P(), P(), rows),
-            out_specs=(rows, rows, rows, rows))(
+            out_specs=(rows,) * (5 if options.routed_width else 4))(
                 state, prompts, prompt_len, budgets, key, temperature, top_p, eos_ids, row_ids)
 
     def fn(graphdef, options, state, prompts, *rest):
@@ -337,6 +372,17 @@ def sharded_engine_fn(mesh, axes=("data", "fsdp")):
         return run(graphdef, local, state, prompts, *rest, jnp.arange(b, dtype=jnp.int32))
 
     return fn
+
+
+def model_engine_fn(model: nnx.Module):
+    """``sharded_engine_fn`` on the mesh the model's weights are placed on (a
+    ``NamedSharding`` over more than one device), else None (``engine_jit``): what the
+    training rollout uses, for callers that only hold the model (evaluation)."""
+    for leaf in jax.tree.leaves(nnx.state(model)):
+        sh = getattr(leaf, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding):
+            return sharded_engine_fn(sh.mesh) if sh.mesh.size > 1 else None
+    return None
 
 
 def right_align(ids: np.ndarray, mask: np.ndarray, chunk: int, pad_id: int):

@@ -370,11 +370,6 @@ def generate(
         routed = out[3] if len(out) > 3 else None
         lengths = out_mask.sum(-1).astype(jnp.int32)
     else:
-        if model.config.is_moe:
-            raise ValueError("rollout.max_concurrent: the continuous-batching engine does not "
-                             "record MoE routing yet; use max_concurrent=0 (static batch) for "
-                             "MoE models")
-        routed = None
         chunk = min(int(prefill_chunk), plen)
         block = min(int(kv_block), bucket_length(plen + n_max))
         k = min(int(max_concurrent), ids.shape[0])
@@ -383,11 +378,14 @@ def generate(
             decode_sizes=engine.default_decode_sizes(k), top_k=int(top_k),
             greedy=bool(greedy), use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
             cache_dtype=cache_dtype, sampling=sampling,
-            prefill_rows=max(1, k // 4) if prefill_rows is None else int(prefill_rows))
+            prefill_rows=max(1, k // 4) if prefill_rows is None else int(prefill_rows),
+            routed_width=plen if model.config.is_moe else 0)
         right, plens = engine.right_align(ids, mask, chunk, pad_id)
-        tokens, lengths, logprobs, _ = (engine_fn or engine.engine_jit)(
+        out = (engine_fn or engine.engine_jit)(
             graphdef, options, state, jnp.asarray(right), jnp.asarray(plens),
             jnp.asarray(budgets), *traced)
+        tokens, lengths, logprobs = out[:3]
+        routed = out[4] if len(out) > 4 else None
         out_mask = (jnp.arange(n_max)[None, :] < lengths[:, None]).astype(jnp.float32)
     return Rollout(prompt_tokens=jnp.asarray(ids), prompt_mask=jnp.asarray(mask),
                    tokens=tokens, mask=out_mask, logprobs=logprobs, lengths=lengths,

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from espo_jax.rollout import generate
-from espo_jax.rollout.engine import decode_model, engine_kwargs
+from espo_jax.rollout.engine import decode_model, engine_kwargs, model_engine_fn
 from espo_jax.train.distributed import to_host
 from espo_jax.train.tasks import Task, decode_responses, encode_prompts, stop_token_ids
 
@@ -62,6 +62,8 @@ def evaluate(model, task: Task, tokenizer, config, *, key: jax.Array, decode_fn=
     prompts = encode_prompts(examples, config.task, tokenizer)
     engine = engine_kwargs(config.rollout)
     if engine["max_concurrent"] is not None:
+        # On a mesh: one engine per batch shard, as the training rollout (same tokens).
+        engine["engine_fn"] = model_engine_fn(model)
         model = decode_model(model)  # TP-only / replicated weights, made once per evaluation
     run = lambda k, temperature, key: _sample_and_score(  # noqa: E731
         model, task, tokenizer, config, examples, prompts, k=k, temperature=temperature,

@@ -282,7 +282,6 @@ def _moe_keys(config, config_json: str) -> None:
         raise ValueError(f"{moe_only[0]} is set but model.path is not a mixture-of-experts "
                          f"model (architectures {archs}); allowed: Qwen3MoeForCausalLM")
     dense_only = [k for k, v in (("train.max_tokens_per_row", config.train.max_tokens_per_row),
-                                 ("rollout.max_concurrent", config.rollout.max_concurrent),
                                  ("model.scan_layers", config.model.scan_layers)) if v]
     if dense_only and moe:
         raise ValueError(f"{dense_only[0]}={_get(config, dense_only[0])!r} is not supported "
