@@ -3,8 +3,7 @@
 Writes the word-level tokenizer and a small Qwen3-architecture model supervised on search
 traces of the noisy solver (``espo_jax.data.countdown_solver``) for train-split problems
 only (cross-entropy on response tokens; a fresh trace, with fresh solver noise, per example,
-so about 70% of the demonstrations end in the give-up marker ``?``: the noise that
-makes the choices high-entropy also makes the solver miss). Then it runs the gate
+so about half of the demonstrations end in the give-up marker ``?``). Then it runs the gate
 on eval-split problems with the project's sampler (``espo_jax.rollout.generate``), records
 it in warm_start.json, and installs the asset directory only when the gate passes (exit
 status 1 and nothing installed otherwise). Gate (``GATE``):
@@ -54,14 +53,14 @@ def parse_args():
     p.add_argument("--out", default=str(countdown.ASSET_DIR))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n_traces", type=int, default=30000, help="SFT examples (one trace each)")
-    p.add_argument("--noise", type=float, default=2.0, help="solver noise (std, log-distance units)")
+    p.add_argument("--noise", type=float, default=0.5, help="solver noise (std, log-distance units)")
     p.add_argument("--budget", type=int, default=8, help="solver expansions before giving up")
     p.add_argument("--branch", type=int, default=3, help="solver moves tried per state")
     p.add_argument("--n_eval", type=int, default=128, help="eval problems for the gate")
     p.add_argument("--samples", type=int, default=16, help="G for pass@1 / pass@G")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--intermediate", type=int, default=384)

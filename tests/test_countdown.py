@@ -77,7 +77,7 @@ def test_solver_arithmetic_and_fail_rate():
         assert toks[-1] == "?" if not solved else "#" in toks
         assert score_countdown(trace, e.answer) == (float(solved), True)
         fails += not solved
-    assert 0.55 <= fails / len(ex) <= 0.8, fails / len(ex)
+    assert 0.35 <= fails / len(ex) <= 0.6, fails / len(ex)
     # noise-free search with a large budget solves everything it is given
     for e in ex[:50]:
         _, solved = countdown.solve(*countdown.parse_prompt(e.prompt), rng,

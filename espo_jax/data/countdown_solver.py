@@ -82,7 +82,7 @@ def count_solutions(values, target: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-    noise: float = 2.0     # std of the Gaussian added to the heuristic (in log-distance units)
+    noise: float = 0.5     # std of the Gaussian added to the heuristic (in log-distance units)
     budget: int = 8        # expansions before giving up
     branch: int = 3        # moves tried per state
 
