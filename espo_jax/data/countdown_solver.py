@@ -1,15 +1,19 @@
 """A noisy depth-first best-first solver of Countdown that writes its search trace.
 
 At each state (the numbers still available) the solver lists every legal move
-(``legal_moves``), orders them by a heuristic (distance of the new number to the target)
-plus Gaussian noise, and expands them in that order, depth first: a move is written
-``a op b = c ,``; when the new number is the target the trace ends with the answer
-``# EXPR`` (the expression that built it); when a state has no move left to try (or only
-one number is left) the solver backtracks, writing ``<`` (undo the last expansion on the
-current path). At most ``branch`` moves are tried per state, and after ``budget``
-expansions the solver gives up with ``?``. The arithmetic it writes is always right; the
-noise makes it miss solutions, so a fraction of its traces end in ``?`` (tuned in
-experiments/make_countdown_checkpoint.py) and its choices are stochastic.
+(``legal_moves``) and draws them in a random order without replacement, each next move with
+probability proportional to ``exp(-h / temperature)`` over the moves not yet tried. The
+heuristic ``h`` is the log-distance of the move's result to the target, minus
+``reach_bonus`` when the target is still reachable from the resulting numbers: a sharp
+heuristic would make every demonstration alike (no entropy left for RL at the choice tokens),
+a flat one would rarely solve anything; the temperature trades the two. Moves are expanded
+depth first: a move is written ``a op b = c ,``; when the new number is the target the trace
+ends with the answer ``# EXPR`` (the expression that built it); when a state has no move
+left to try (or only one number is left) the solver backtracks, writing ``<`` (undo the last
+expansion on the current path). At most ``branch`` moves are tried per state, and after
+``budget`` expansions the solver gives up with ``?``. The arithmetic it writes is always
+right; its choices are stochastic, so a fraction of its traces end in ``?`` (tuned in
+experiments/make_countdown_checkpoint.py).
 
 Move rules (shared with the problem generator, ``espo_jax.data.countdown``): the larger
 operand first; ``a + b``, ``a - b`` (a > b), ``a * b`` (a, b > 1) and ``a / b`` (b > 1,
@@ -82,9 +86,29 @@ def count_solutions(values, target: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-    noise: float = 0.5     # std of the Gaussian added to the heuristic (in log-distance units)
-    budget: int = 8        # expansions before giving up
+    temperature: float = 4.0  # of the move distribution (0: always the best move first)
+    reach_bonus: float = 5.0  # heuristic bonus of a move after which the target is reachable
+    budget: int = 10       # expansions before giving up
     branch: int = 3        # moves tried per state
+
+
+def _heuristic(values, move, target: int, reach_bonus: float) -> float:
+    """Lower is better: log-distance of the move's result to the target, minus reach_bonus
+    when the target is still reachable from the numbers the move leaves."""
+    i, j, _, c = move
+    rest = tuple(sorted([v for k, v in enumerate(values) if k not in (i, j)] + [c]))
+    reachable = c == target or (len(rest) > 1 and reach_counts(rest).get(target, 0) > 0)
+    return math.log1p(abs(c - target)) - reach_bonus * reachable
+
+
+def _draw_order(moves, h, temperature: float, rng: random.Random):
+    """``moves`` in a random order: each next one drawn without replacement with probability
+    proportional to exp(-h / temperature) (temperature 0: ascending h)."""
+    if temperature <= 0:
+        return [m for _, m in sorted(zip(h, moves), key=lambda x: x[0])]
+    # Gumbel-top-k: sorting by -h/T + Gumbel noise is sequential sampling without replacement.
+    keys = [-x / temperature - math.log(-math.log(rng.random() or 1e-300)) for x in h]
+    return [m for _, m in sorted(zip(keys, moves), key=lambda x: -x[0])]
 
 
 class _Done(Exception):
@@ -104,10 +128,8 @@ def solve(numbers: list[int], target: int, rng: random.Random,
     def dfs(state):  # state: list of (value, expr, is_leaf)
         values = [v for v, _, _ in state]
         moves = legal_moves(values)
-        scored = [(math.log1p(abs(m[3] - target)) + cfg.noise * rng.gauss(0.0, 1.0), m)
-                  for m in moves]
-        scored.sort(key=lambda x: x[0])
-        for _, (i, j, op, c) in scored[: cfg.branch]:
+        h = [_heuristic(values, m, target, cfg.reach_bonus) for m in moves]
+        for i, j, op, c in _draw_order(moves, h, cfg.temperature, rng)[: cfg.branch]:
             if used[0] >= cfg.budget:
                 out.append("?")
                 raise _Done(False)
