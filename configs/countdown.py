@@ -11,8 +11,10 @@ Variants (``--config=configs/countdown.py:ARG``, ARG a comma list):
 Override any key: ``--config.train.lr=1e-4 --config.objective.espo.alpha=0.05``.
 
 The warm start (espo_jax/assets/countdown, experiments/make_countdown_checkpoint.py)
-imitates a noisy solver: about a quarter of its T=1 samples solve a problem, the rest give
-up (``?``) or answer wrong, and its choices of operands and operators stay high-entropy.
+imitates a noisy solver (moves drawn from a softmax over a heuristic, an expansion budget):
+its gate (warm_start.json) has T=1 pass@1 in [0.2, 0.4], pass@16 >= 0.75, and high entropy
+at its choices of operands and operators; the rest of its samples give up (``?``) or answer
+wrong. Evaluation: 1,024 fixed eval problems (``eval.seed``), greedy and T=1 pass@1.
 Four minibatch updates per rollout (1 epoch), so 3 of 4 updates are off-policy and the
 objectives' ratio clipping acts; lr 3e-5 keeps the entropy from collapsing in a few steps.
 """
@@ -36,7 +38,7 @@ def get_config(arg: str | None = None):
     c.model.dtype = "float32"
     c.task.name = "countdown"
     c.task.num_train = 8192
-    c.task.num_eval = 256
+    c.task.num_eval = 1024
     c.rollout.prompts_per_step = 16
     c.rollout.group_size = 16
     c.rollout.max_new_tokens = countdown.MAX_RESPONSE_TOKENS  # the longest solver trace + slack
@@ -48,7 +50,8 @@ def get_config(arg: str | None = None):
     c.train.warmup_steps = 2
     c.train.grad_clip = 1.0
     c.eval.every = 10
-    c.eval.num_examples = 256
+    c.eval.num_examples = 1024
+    c.eval.sampled_samples = 1      # T=1 pass@1 next to greedy
     c.eval.max_new_tokens = countdown.MAX_RESPONSE_TOKENS
     c.checkpoint.every = 25
     c.checkpoint.keep = 2
@@ -63,6 +66,7 @@ def get_config(arg: str | None = None):
         c.train.num_minibatches = 2
         c.eval.every = 2
         c.eval.num_examples = 8
+        c.eval.sampled_samples = 0
         c.eval.max_new_tokens = 24
         c.checkpoint.every = 1
         c.log.progress = False
