@@ -3,6 +3,7 @@
 A ``Task`` holds train / eval ``Example``s and a batch verifier
 ``score(responses, examples) -> (rewards f32[B], gradable bool[B])``. Built-ins:
   arith  the embedded multi-step arithmetic task (``espo_jax.data.arith``)
+  countdown  Countdown with search traces (``espo_jax.data.countdown``)
   math   SimpleRL-style jsonl train file + MATH500-style eval file (``problem``/``answer``),
          scored with math-verify on the last ``\\boxed{}``.
 Prompt formatting (``task.prompt_template``): the literal ``{prompt}`` in the template is
@@ -57,6 +58,11 @@ def build_task(task_cfg, seed: int, *, eval_seed: int) -> Task:
         train = arith.make_examples("train", int(task_cfg.num_train), seed)
         evals = arith.make_examples("eval", int(task_cfg.num_eval), eval_seed)
         verify = arith.verify
+    elif name == "countdown":
+        from espo_jax.data import countdown  # noqa: PLC0415
+        train = countdown.make_examples("train", int(task_cfg.num_train), seed)
+        evals = countdown.make_examples("eval", int(task_cfg.num_eval), seed)
+        verify = countdown.verify
     elif name == "math":
         from espo_jax.rewards import score_math  # noqa: PLC0415
         for key in ("train_file", "eval_file"):
@@ -70,7 +76,7 @@ def build_task(task_cfg, seed: int, *, eval_seed: int) -> Task:
             id_prefix="eval"), int(task_cfg.num_eval))
         verify = score_math
     else:
-        raise ValueError(f"task.name: unknown task {name!r}; expected 'arith' or 'math'")
+        raise ValueError(f"task.name: unknown task {name!r}; expected 'arith', 'countdown' or 'math'")
     if not train:
         raise ValueError(f"task {name!r}: empty training set (task.num_train={task_cfg.num_train})")
     if not evals:

@@ -24,7 +24,7 @@ from espo_jax.models.dtypes import canonical_dtype
 from espo_jax.objectives import resolve_hparams
 from espo_jax.objectives.advantages import ESTIMATORS
 
-TASKS = ("arith", "math")
+TASKS = ("arith", "countdown", "math")
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 _VOCAB_PLACEHOLDER = 2  # espo's vocab_size is a runtime value (the model's); any valid one
 
