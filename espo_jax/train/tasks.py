@@ -14,6 +14,7 @@ chat template with the generation prompt.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import pathlib
 from typing import Callable, Sequence
@@ -48,21 +49,20 @@ def _take(examples: list[Example], n: int) -> list[Example]:
     return examples if n <= 0 else examples[:n]
 
 
+# Embedded tasks generated from a seed: module with make_examples(split, n, seed) and verify.
+GENERATED_TASKS = {"arith": "espo_jax.data.arith", "countdown": "espo_jax.data.countdown"}
+
+
 def build_task(task_cfg, seed: int, *, eval_seed: int) -> Task:
     """The task named by ``task_cfg.name`` with its splits; errors name the key or file.
     seed: the training problems of generated tasks (and so the prompt order of a run);
     eval_seed: their eval problems, fixed across run seeds so every run scores the same set."""
     name = task_cfg.name
-    if name == "arith":
-        from espo_jax.data import arith  # noqa: PLC0415
-        train = arith.make_examples("train", int(task_cfg.num_train), seed)
-        evals = arith.make_examples("eval", int(task_cfg.num_eval), eval_seed)
-        verify = arith.verify
-    elif name == "countdown":
-        from espo_jax.data import countdown  # noqa: PLC0415
-        train = countdown.make_examples("train", int(task_cfg.num_train), seed)
-        evals = countdown.make_examples("eval", int(task_cfg.num_eval), seed)
-        verify = countdown.verify
+    if name in GENERATED_TASKS:
+        mod = importlib.import_module(GENERATED_TASKS[name])
+        train = mod.make_examples("train", int(task_cfg.num_train), seed)
+        evals = mod.make_examples("eval", int(task_cfg.num_eval), eval_seed)
+        verify = mod.verify
     elif name == "math":
         from espo_jax.rewards import score_math  # noqa: PLC0415
         for key in ("train_file", "eval_file"):
