@@ -96,6 +96,15 @@ def variant_slug(config: pathlib.Path, variant: Variant, *, smoke: bool, steps: 
     return _slug("__".join(parts))
 
 
+def _portable(config: pathlib.Path) -> str:
+    """The config path as the runs name it: relative to the repository (they run there) when
+    inside it, so a run's identity (done.json) is the same in any checkout."""
+    try:
+        return str(pathlib.Path(config).resolve().relative_to(REPO))
+    except ValueError:
+        return str(config)
+
+
 def make_runs(variants: Sequence[Variant], seeds: Sequence[int], *, runs_dir: pathlib.Path,
               config: pathlib.Path = DEFAULT_CONFIG, smoke: bool = False,
               steps: int | None = None, extra: Sequence[tuple[str, Any]] = (),
@@ -111,7 +120,7 @@ def make_runs(variants: Sequence[Variant], seeds: Sequence[int], *, runs_dir: pa
         wd_root = runs_dir / variant_slug(config, v, smoke=smoke, steps=steps, extra=extra)
         arg = ",".join((["smoke"] if smoke else []) + [v.objective])
         for seed in seeds:
-            argv = [python, "-m", "espo_jax.main", f"--config={config}:{arg}",
+            argv = [python, "-m", "espo_jax.main", f"--config={_portable(config)}:{arg}",
                     f"--workdir={wd_root / f'seed{seed}'}", f"--config.seed={seed}",
                     "--config.log.progress=False", "--config.log.tensorboard=False"]
             if steps is not None:
