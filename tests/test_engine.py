@@ -129,8 +129,9 @@ def test_engine_bad_input(models):
 
 
 def test_drain_sizes():
-    assert engine.default_decode_sizes(16) == (16, 4, 1)
-    assert engine.default_decode_sizes(8) == (8, 2, 1)
+    assert engine.default_decode_sizes(16) == (16, 8, 4, 2, 1)
+    assert engine.default_decode_sizes(12) == (12, 6, 3, 2, 1)
+    assert engine.default_decode_sizes(8) == (8, 4, 2, 1)
     assert engine.default_decode_sizes(4) == (4,)
     assert engine.default_decode_sizes(3) == (3,)
     assert engine.default_decode_sizes(1) == (1,)

@@ -13,7 +13,7 @@ One jitted program (``engine_decode``) runs the whole rollout of B prompts:
         a slot whose row hit a stop token or its budget is freed (its row is done)
 
 The prompt-token budget of a mixed step is C (``prefill_chunk``) while under K/2 slots
-decode (the start: prefill-bound), else ``prefill_tokens`` (a few tokens riding along
+decode or at least C prompt tokens wait (the start: prefill-bound), else ``prefill_tokens`` (a few tokens riding along
 with the K decode rows, as vLLM's chunked prefill), so a freed slot is refilled the step
 after it frees, without stalling the other rows for a whole prefill call.
 
@@ -88,9 +88,15 @@ DEFAULT_PREFILL_TOKENS = 16
 
 
 def default_decode_sizes(k: int) -> tuple:
-    """(K, ceil(K/4), 1) for K >= 8, else (K,): drain sizes where they pay (each size is
-    one more compiled decode step; the last long response of a ragged rollout runs alone)."""
-    return tuple(dict.fromkeys((k, -(-k // 4), 1))) if k >= 8 else (k,)
+    """(K, K/2, K/4, ..., 1) (halving, rounded up) for K >= 8, else (K,): drain sizes
+    where they pay (each size is one more compiled decode step; a step costs a fixed
+    weight read plus a per-row part, so a drain of m rows runs on at most 2m)."""
+    if k < 8:
+        return (k,)
+    sizes = [k]
+    while sizes[-1] > 1:
+        sizes.append(-(-sizes[-1] // 2))
+    return tuple(sizes)
 
 
 def kv_cache_bytes(config, max_concurrent: int, max_len: int, dtype="bfloat16") -> int:
@@ -353,16 +359,27 @@ def engine_decode(
 
     # Nested while loops, not lax.cond / switch: a conditional over the carry makes XLA
     # (CPU at least) copy the whole KV cache every iteration; loops update it in place.
+    cum_plen = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(prompt_len)])
+
+    def prefill_heavy(carry):
+        # Under K/2 slots decode, or at least C prompt tokens to prefill (the prefilling
+        # slots' rest plus the prompts the free slots take next): a full C-token step.
+        slots, _, nxt, _ = carry
+        ph = slots["phase"]
+        rest = jnp.sum(jnp.where(ph == 1, prompt_len[jnp.clip(slots["row"], 0, b - 1)]
+                                 - slots["len"], 0))
+        nxt_end = jnp.minimum(nxt + jnp.sum(ph == 0), b)
+        rest = rest + cum_plen[nxt_end] - cum_plen[nxt]
+        return (2 * jnp.sum(ph == 2) < k) | (rest >= c)
+
     def body(carry):
-        # Prefill-heavy (under K/2 slots decoding, e.g. the start): C packed prompt
-        # tokens a step; else the small budget rides along with the K decode rows.
         for i, (tp, fn) in enumerate(mixed):
-            def run(cy, big=(i == 0 and len(mixed) > 1)):
+            def run(cy, big=(i == 0)):
                 go = need_prefill(cy)
                 if len(mixed) == 1:
                     return go
-                few = 2 * jnp.sum(cy[0]["phase"] == 2) < k
-                return go & (few if big else ~few)
+                heavy = prefill_heavy(cy)
+                return go & (heavy if big else ~heavy)
             carry = jax.lax.while_loop(run, fn, carry)
         for i, step in enumerate(steps_by_size):
             lo = sizes[i + 1] if i + 1 < len(sizes) else 0
