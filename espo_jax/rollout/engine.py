@@ -84,7 +84,7 @@ class EngineOptions:
 
 
 # Prompt tokens a mixed step carries along with the K decode rows (see the module doc).
-DEFAULT_PREFILL_TOKENS = 16
+DEFAULT_PREFILL_TOKENS = 32
 
 
 def default_decode_sizes(k: int) -> tuple:
