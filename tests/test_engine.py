@@ -61,12 +61,15 @@ def test_greedy_continuous_batching_equals_hf_per_prompt(models):
 
 @pytest.fixture(scope="module")
 def sampled(models):
-    """The same sampled rollout from the static batch and K = 1, 3, 16 (> B = 12)."""
+    """The same sampled rollout from the static batch and K = 1, 3, 16; and K = 8 with 3
+    packed prompt tokens per light mixed step (two mixed-step budgets: 8 and 3)."""
     _, model, _ = models
     kw = dict(max_new_tokens=N, temperature=0.7, key=jax.random.key(3), eos_id=[1, 2, 3],
               num_samples=3)
-    return {k: generate(model, PROMPTS, max_concurrent=k, **SMALL, **kw)
-            for k in (None, 1, 3, 16)}
+    out = {k: generate(model, PROMPTS, max_concurrent=k, **SMALL, **kw)
+           for k in (None, 1, 3, 16)}
+    out["8p3"] = generate(model, PROMPTS, max_concurrent=8, prefill_tokens=3, **SMALL, **kw)
+    return out
 
 
 def test_sampled_responses_identical_for_every_k(sampled):
@@ -74,7 +77,7 @@ def test_sampled_responses_identical_for_every_k(sampled):
     lengths = np.asarray(ref.lengths)
     assert lengths.min() < N and lengths.max() == N  # ragged: stops and full-length rows
     assert len(set(map(tuple, np.asarray(ref.tokens).tolist()))) > 6  # draws differ
-    for k in (1, 3, 16):
+    for k in (1, 3, 16, "8p3"):
         got = sampled[k]
         np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
         np.testing.assert_array_equal(np.asarray(got.lengths), lengths)
@@ -129,8 +132,9 @@ def test_engine_bad_input(models):
 
 
 def test_drain_sizes():
-    assert engine.default_decode_sizes(16) == (16, 4, 1)
-    assert engine.default_decode_sizes(8) == (8, 2, 1)
+    assert engine.default_decode_sizes(16) == (16, 8, 4, 2, 1)
+    assert engine.default_decode_sizes(12) == (12, 6, 3, 2, 1)
+    assert engine.default_decode_sizes(8) == (8, 4, 2, 1)
     assert engine.default_decode_sizes(4) == (4,)
     assert engine.default_decode_sizes(3) == (3,)
     assert engine.default_decode_sizes(1) == (1,)

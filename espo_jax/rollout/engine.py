@@ -3,12 +3,19 @@
 One jitted program (``engine_decode``) runs the whole rollout of B prompts:
 
     while a prompt is pending or a slot is busy:
-        if a slot is mid-prefill, or prefill_rows slots are free and prompts pending:
-            prefill the next chunk of C prompt tokens of up to prefill_rows slots into
-            their cache rows; after a prompt's last chunk, sample its first token
+        if a slot is mid-prefill, or a slot is free and a prompt pending:
+            a mixed step: free slots take the next pending rows at once; one forward
+            over the K decode tokens plus a budget of PACKED prompt tokens (the
+            prefilling slots' next tokens, back to back, each with its own slot and
+            position: no padding); a slot whose prompt ends samples its first token
         else:
             one decode step for the busy slots (K rows, or fewer: see ``decode_sizes``)
         a slot whose row hit a stop token or its budget is freed (its row is done)
+
+The prompt-token budget of a mixed step is C (``prefill_chunk``) while under K/2 slots
+decode or at least C prompt tokens wait (the start: prefill-bound), else ``prefill_tokens`` (a few tokens riding along
+with the K decode rows, as vLLM's chunked prefill), so a freed slot is refilled the step
+after it frees, without stalling the other rows for a whole prefill call.
 
 KV cache: per layer {"k", "v"} [K, S, KVH, hd] with S = P + N rounded up to the kv block
 (P: the longest prompt rounded up to the prefill chunk; N: the largest budget) -- sized
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -56,8 +64,9 @@ class EngineOptions:
     length is a multiple of it); decode_sizes: descending batch sizes of the decode step,
     the first = K; sampling flags and pad_id as in ``sampler.DecodeOptions``;
     cache_dtype (None = the model's compute dtype); sampling: ``sampling.sample_rows``'s
-    method; prefill_rows: slots prefilled together (free slots wait until that many are
-    free or nothing else decodes); routed_width: MoE models only, the left-padded prompt
+    method; prefill_tokens: packed prompt tokens per mixed step while at least K/2 slots
+    decode (0 or >= C: C, one mixed step size); prefill_rows: ignored (the grouped
+    prefill it sized is gone: a free slot is refilled at once); routed_width: MoE models only, the left-padded prompt
     width P0 of the routed-experts output (``sampler.Rollout``'s layout [B, P0 + N, L, k]).
     """
     max_new_tokens: int
@@ -71,14 +80,25 @@ class EngineOptions:
     pad_id: int = 0
     cache_dtype: Any = None
     sampling: str = "gumbel"
-    prefill_rows: int = 1
+    prefill_tokens: int = 0
+    prefill_rows: int = 1  # unused: callers still pass it (train/aot.py); to be removed
     routed_width: int = 0
 
 
+# Prompt tokens a mixed step carries along with the K decode rows (see the module doc).
+DEFAULT_PREFILL_TOKENS = 32
+
+
 def default_decode_sizes(k: int) -> tuple:
-    """(K, ceil(K/4), 1) for K >= 8, else (K,): drain sizes where they pay (each size is
-    one more compiled decode step; the last long response of a ragged rollout runs alone)."""
-    return tuple(dict.fromkeys((k, -(-k // 4), 1))) if k >= 8 else (k,)
+    """(K, K/2, K/4, ..., 1) (halving, rounded up) for K >= 8, else (K,): drain sizes
+    where they pay (each size is one more compiled decode step; a step costs a fixed
+    weight read plus a per-row part, so a drain of m rows runs on at most 2m)."""
+    if k < 8:
+        return (k,)
+    sizes = [k]
+    while sizes[-1] > 1:
+        sizes.append(-(-sizes[-1] // 2))
+    return tuple(sizes)
 
 
 def kv_cache_bytes(config, max_concurrent: int, max_len: int, dtype="bfloat16") -> int:
@@ -217,48 +237,76 @@ def engine_decode(
         out["lengths"] = out["lengths"].at[jnp.where(done, rows, b)].set(steps + 1, mode="drop")
         return out, done
 
-    mp = max(1, min(o.prefill_rows, k))
+    def mixed_with(tp):
+        """One step of K decode tokens plus tp PACKED prompt tokens (no padding): free
+        slots first take the next pending rows (in slot order, rows in index order);
+        the prefilling slots' remaining prompt tokens, earliest row first, fill the tp
+        token budget, each with its own slot and position. A slot whose prompt ends in
+        this step samples its first token; decoding slots sample their next one."""
+        pblk = math.gcd(blk, tp)  # prefill keys: short blocks (divides the cache length)
 
-    def prefill(carry):
-        """One chunk of C prompt tokens for up to mp slots: mid-prefill slots first, then
-        free slots, which take the next pending rows in order."""
-        slots, out, nxt, cache = carry
-        ph = slots["phase"]
-        prio = jnp.where(ph == 1, 0, jnp.where(ph == 0, 1, 2))
-        sel = jnp.argsort(prio * k + jnp.arange(k, dtype=jnp.int32))[:mp].astype(jnp.int32)
-        fresh = prio[sel] == 1
-        new_row = nxt + jnp.cumsum(fresh.astype(jnp.int32)) - 1
-        valid = (prio[sel] == 0) | (fresh & (new_row < b))
-        row = jnp.clip(jnp.where(fresh, new_row, slots["row"][sel]), 0, b - 1)
-        off = jnp.where(fresh, 0, slots["len"][sel])
-        plen = prompt_len[row]
-        ids = jax.vmap(lambda r, s0: jax.lax.dynamic_slice(prompts[r], (s0,), (c,)))(row, off)
-        pos = off[:, None] + jnp.arange(c, dtype=jnp.int32)[None]          # [mp, C]
-        at = jnp.where(valid, sel, k)  # rows with nothing to prefill write nowhere
+        def step(carry):
+            slots, out, nxt, cache = carry
+            ph = slots["phase"]
+            ar = jnp.arange(k, dtype=jnp.int32)
+            free = ph == 0
+            new_row = nxt + jnp.cumsum(free.astype(jnp.int32)) - 1
+            take = free & (new_row < b)
+            row = jnp.where(take, new_row, slots["row"])
+            ph = jnp.where(take, 1, ph)
+            ln = jnp.where(take, 0, slots["len"])
+            nxt = nxt + jnp.sum(take).astype(jnp.int32)
+            rr = jnp.clip(row, 0, b - 1)
+            plen = prompt_len[rr]
+            pre, dec = ph == 1, ph == 2
+            # Pack: prefilling slots ordered by row, each takes its remaining tokens.
+            order = jnp.argsort(jnp.where(pre, row, b + ar)).astype(jnp.int32)
+            rem_o = jnp.where(pre, plen - ln, 0)[order]
+            end_o = jnp.cumsum(rem_o)
+            start_o = end_o - rem_o
+            j = jnp.arange(tp, dtype=jnp.int32)
+            qi = jnp.clip(jnp.searchsorted(end_o, j, side="right"), 0, k - 1)
+            tvalid = j < end_o[-1]
+            tslot = order[qi]
+            tpos = ln[tslot] + j - start_o[qi]
+            trow = rr[tslot]
+            tids = prompts[trow, jnp.clip(tpos, 0, p - 1)]
+            taken = jnp.zeros((k,), jnp.int32).at[order].set(
+                jnp.clip(tp - start_o, 0, rem_o))
+            last = jnp.zeros((k,), jnp.int32).at[order].set(end_o - 1)
+            fin = pre & (taken >= plen - ln)
+            at = jnp.concatenate([jnp.where(dec, ar, k), jnp.where(tvalid, tslot, k)])
+            pos = jnp.concatenate([ln, tpos])
 
-        def write(cc, kk, vv):
-            return {"k": cc["k"].at[at[:, None], pos].set(kk.astype(cdt), mode="drop"),
-                    "v": cc["v"].at[at[:, None], pos].set(vv.astype(cdt), mode="drop")}
+            def write(cc, kk, vv):
+                return {"k": cc["k"].at[at, pos].set(kk[:, 0].astype(cdt), mode="drop"),
+                        "v": cc["v"].at[at, pos].set(vv[:, 0].astype(cdt), mode="drop")}
 
-        def attend(q, cc):
-            return ragged_attention(q, cc["k"], cc["v"], sel, pos,
-                                    jnp.where(valid, off + c, 0), block=blk)
+            def attend(q, cc):
+                od = ragged_attention(q[:k], cc["k"], cc["v"], None, ln[:, None],
+                                      jnp.where(dec, ln + 1, 0), block=blk)
+                op = ragged_attention(q[k:], cc["k"], cc["v"], tslot, tpos[:, None],
+                                      jnp.where(tvalid, tpos + 1, 0), block=pblk)
+                return jnp.concatenate([od, op])
 
-        hidden, cache, rx = _forward(model, ids, pos, cache, write, attend)
-        out = record(out, row, pos, rx, valid[:, None] & (pos < plen[:, None]))
-        last = jnp.clip(plen - 1 - off, 0, c - 1)
-        logits = _unembed(model, w, hidden[jnp.arange(mp), last])
-        zero = jnp.zeros((mp,), jnp.int32)
-        tok, logp = sample(logits, keys_of(row, zero))
-        finished = valid & (off + c >= plen)
-        out, done = emit(out, row, zero, tok, logp, finished)
-        phase = jnp.where(done, 0, jnp.where(finished, 2, 1))
-        upd = dict(row=jnp.where(done, -1, row), phase=phase,
-                   len=jnp.where(finished, plen, off + c), step=jnp.where(finished, 1, 0),
-                   prev=tok)
-        slots = {name: v.at[at].set(upd[name], mode="drop") for name, v in slots.items()}
-        out["stats"] = out["stats"].at[0].add(1)
-        return slots, out, nxt + jnp.sum(fresh & valid).astype(jnp.int32), cache
+            ids = jnp.concatenate([slots["prev"], tids])[:, None]
+            hidden, cache, rx = _forward(model, ids, pos[:, None], cache, write, attend)
+            out = record(out, jnp.concatenate([rr, trow]), pos[:, None], rx,
+                         jnp.concatenate([dec, tvalid])[:, None])
+            live = dec | fin
+            src = jnp.where(dec, ar, jnp.where(fin, k + last, 0))
+            logits = _unembed(model, w, hidden[src, 0])
+            steps = jnp.where(dec, slots["step"], 0)
+            tok, logp = sample(logits, keys_of(rr, steps))
+            out, done = emit(out, rr, steps, tok, logp, live)
+            slots = dict(row=jnp.where(done, -1, row),
+                         phase=jnp.where(done, 0, jnp.where(live, 2, ph)),
+                         len=jnp.where(dec, ln + 1, jnp.where(pre, ln + taken, ln)),
+                         step=jnp.where(live, steps + 1, slots["step"]),
+                         prev=jnp.where(live, tok, slots["prev"]))
+            out["stats"] = out["stats"].at[0].add(1)
+            return slots, out, nxt, cache
+        return step
 
     def decode_with(i, size):
         def step(carry):
@@ -299,13 +347,13 @@ def engine_decode(
     steps_by_size = [decode_with(i, z) for i, z in enumerate(sizes)]
 
     def need_prefill(carry):
-        # Refill free slots once min(mp, pending) of them are free (or nothing decodes):
-        # one batched prefill instead of mp single-row ones, for a slot idle a few steps.
+        # A slot is mid-prefill, or a slot is free and a prompt pending: refill at once.
         slots, _, nxt, _ = carry
         ph = slots["phase"]
-        n_free, pending = jnp.sum(ph == 0), b - nxt
-        batch = (n_free >= jnp.minimum(mp, pending)) | ~jnp.any(ph == 2)
-        return jnp.any(ph == 1) | ((n_free > 0) & (pending > 0) & batch)
+        return jnp.any(ph == 1) | (jnp.any(ph == 0) & (nxt < b))
+
+    tp_small = max(1, min(o.prefill_tokens or c, c))
+    mixed = [(c, mixed_with(c))] + ([(tp_small, mixed_with(tp_small))] if tp_small < c else [])
 
     def cond(carry):
         slots, _, nxt, _ = carry
@@ -313,8 +361,28 @@ def engine_decode(
 
     # Nested while loops, not lax.cond / switch: a conditional over the carry makes XLA
     # (CPU at least) copy the whole KV cache every iteration; loops update it in place.
+    cum_plen = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(prompt_len)])
+
+    def prefill_heavy(carry):
+        # Under K/2 slots decode, or at least C prompt tokens to prefill (the prefilling
+        # slots' rest plus the prompts the free slots take next): a full C-token step.
+        slots, _, nxt, _ = carry
+        ph = slots["phase"]
+        rest = jnp.sum(jnp.where(ph == 1, prompt_len[jnp.clip(slots["row"], 0, b - 1)]
+                                 - slots["len"], 0))
+        nxt_end = jnp.minimum(nxt + jnp.sum(ph == 0), b)
+        rest = rest + cum_plen[nxt_end] - cum_plen[nxt]
+        return (2 * jnp.sum(ph == 2) < k) | (rest >= c)
+
     def body(carry):
-        carry = jax.lax.while_loop(need_prefill, prefill, carry)
+        for i, (tp, fn) in enumerate(mixed):
+            def run(cy, big=(i == 0)):
+                go = need_prefill(cy)
+                if len(mixed) == 1:
+                    return go
+                heavy = prefill_heavy(cy)
+                return go & (heavy if big else ~heavy)
+            carry = jax.lax.while_loop(run, fn, carry)
         for i, step in enumerate(steps_by_size):
             lo = sizes[i + 1] if i + 1 < len(sizes) else 0
 
@@ -368,7 +436,7 @@ def sharded_engine_fn(mesh, axes=("data", "fsdp")):
         local = dataclasses.replace(
             options, max_concurrent=-(-options.max_concurrent // shards),
             decode_sizes=default_decode_sizes(-(-options.max_concurrent // shards)),
-            prefill_rows=max(1, -(-options.prefill_rows // shards)))
+)
         return run(graphdef, local, state, prompts, *rest, jnp.arange(b, dtype=jnp.int32))
 
     return fn

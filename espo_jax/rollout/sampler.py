@@ -274,7 +274,7 @@ def generate(
     cache_dtype: Any = None, decode_fn: Callable | None = None,
     max_concurrent: int | None = None, prefill_chunk: int = 512, kv_block: int = 256,
     engine_fn: Callable | None = None, sampling: str = "gumbel",
-    prefill_rows: int | None = None,
+    prefill_tokens: int | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt with a KV cache, in one jitted call.
 
@@ -296,7 +296,9 @@ def generate(
       with the next prompt, a K x (P + N) cache, ragged attention; the same responses.
     prefill_chunk, kv_block: the engine's prompt tokens per prefill step and kv
       positions per attention block (clipped to the bucket for short inputs).
-    prefill_rows: slots the engine prefills together (None: max(1, K // 4)).
+    prefill_tokens: packed prompt tokens the engine adds to each decode step while
+      prompts are being prefilled and at least K/2 slots decode (None: the engine's
+      default; a prefill-bound step, e.g. the start, takes prefill_chunk tokens).
     decode_fn: a jitted variant of ``decode`` with the same signature, e.g.
       ``jax.jit(decode, static_argnums=STATIC_ARGNUMS, in_shardings=..., out_shardings=...)``;
       defaults to ``decode_jit`` (static batch only).
@@ -378,7 +380,8 @@ def generate(
             decode_sizes=engine.default_decode_sizes(k), top_k=int(top_k),
             greedy=bool(greedy), use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
             cache_dtype=cache_dtype, sampling=sampling,
-            prefill_rows=max(1, k // 4) if prefill_rows is None else int(prefill_rows),
+            prefill_tokens=engine.DEFAULT_PREFILL_TOKENS if prefill_tokens is None
+            else int(prefill_tokens),
             routed_width=plen if model.config.is_moe else 0)
         right, plens = engine.right_align(ids, mask, chunk, pad_id)
         out = (engine_fn or engine.engine_jit)(

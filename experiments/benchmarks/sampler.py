@@ -75,7 +75,8 @@ def ragged(model, args):
               sampling=args.sampling)
 
     def engine():
-        return [jax.block_until_ready(generate(model, prompts, max_concurrent=k, **kw))]
+        return [jax.block_until_ready(generate(model, prompts, max_concurrent=k,
+                                               prefill_tokens=args.prefill_tokens, **kw))]
 
     def static():
         return [jax.block_until_ready(generate(model, prompts[i:i + k], **kw))
@@ -131,6 +132,8 @@ def main():
     ap.add_argument("--ragged-prompts", type=int, default=64)
     ap.add_argument("--ragged-k", type=int, default=16)
     ap.add_argument("--ragged-cap", type=int, default=256)
+    ap.add_argument("--prefill-tokens", type=int, default=None,
+                    help="the engine's packed prompt tokens per mixed step (default: its own)")
     ap.add_argument("--sampling", default="gumbel", choices=("gumbel", "inverse_cdf"))
     args = ap.parse_args()
     if args.ragged:
