@@ -65,9 +65,9 @@ class EngineOptions:
     the first = K; sampling flags and pad_id as in ``sampler.DecodeOptions``;
     cache_dtype (None = the model's compute dtype); sampling: ``sampling.sample_rows``'s
     method; prefill_tokens: packed prompt tokens per mixed step while at least K/2 slots
-    decode (0 or >= C: C, one mixed step size); prefill_rows: ignored (the grouped
-    prefill it sized is gone: a free slot is refilled at once); routed_width: MoE models only, the left-padded prompt
-    width P0 of the routed-experts output (``sampler.Rollout``'s layout [B, P0 + N, L, k]).
+    decode (0 or >= C: C, one mixed step size); routed_width: MoE models only, the
+    left-padded prompt width P0 of the routed-experts output (``sampler.Rollout``'s layout
+    [B, P0 + N, L, k]).
     """
     max_new_tokens: int
     max_concurrent: int
@@ -81,7 +81,6 @@ class EngineOptions:
     cache_dtype: Any = None
     sampling: str = "gumbel"
     prefill_tokens: int = 0
-    prefill_rows: int = 1  # unused: callers still pass it (train/aot.py); to be removed
     routed_width: int = 0
 
 

@@ -247,7 +247,8 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
                 max_new_tokens=shapes.response_len, max_concurrent=k, prefill_chunk=chunk,
                 kv_block=min(ek["kv_block"], bucket_length(width + shapes.response_len)),
                 decode_sizes=engine.default_decode_sizes(k), top_k=int(r.top_k),
-                use_top_p=bool(float(r.top_p) < 1.0), prefill_rows=max(1, k // 4),
+                use_top_p=bool(float(r.top_p) < 1.0),
+                prefill_tokens=engine.DEFAULT_PREFILL_TOKENS,
                 routed_width=(bucket_length(shapes.prompt_len)
                               if b["cfg"].is_moe else 0))  # MoE: experts recorded
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
