@@ -60,7 +60,7 @@ def parse_args():
     p.add_argument("--out", default=str(countdown.ASSET_DIR))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n_traces", type=int, default=30000, help="SFT examples (one trace each)")
-    p.add_argument("--temperature", type=float, default=4.0, help="solver move temperature")
+    p.add_argument("--temperature", type=float, default=3.0, help="solver move temperature")
     p.add_argument("--reach_bonus", type=float, default=5.0,
                    help="solver heuristic bonus of moves that keep the target reachable")
     p.add_argument("--budget", type=int, default=10, help="solver expansions before giving up")

@@ -86,7 +86,7 @@ def count_solutions(values, target: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-    temperature: float = 4.0  # of the move distribution (0: always the best move first)
+    temperature: float = 3.0  # of the move distribution (0: always the best move first)
     reach_bonus: float = 5.0  # heuristic bonus of a move after which the target is reachable
     budget: int = 10       # expansions before giving up
     branch: int = 3        # moves tried per state
