@@ -16,7 +16,7 @@ import default as default_config  # noqa: E402
 def _config(**eval_overrides):
     c = default_config.get_config("smoke")
     c.unlock()
-    c.eval.num_examples = 12
+    c.eval.num_examples = 8
     c.eval.max_new_tokens = 40
     c.eval.update(eval_overrides)
     c.lock()
@@ -44,7 +44,6 @@ def test_sampled_pass_reports_pass1_and_pass_at_k(policy):
     task = build_task(c.task, 0, eval_seed=0)
     key = jax.random.PRNGKey(3)
     m = evaluate(model, task, tok, c, key=key)
-    assert m == evaluate(model, task, tok, c, key=key)           # deterministic in the key
     assert 0.0 <= m["eval_sampled_accuracy"] <= m["eval_sampled_pass_at_k"] <= 1.0
     # The warm start is uncertain at T=1, so 4 samples per problem are not all alike.
     assert m["eval_sampled_accuracy"] != m["eval_accuracy"] or m["eval_sampled_pass_at_k"] > m["eval_accuracy"]
