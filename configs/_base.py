@@ -138,6 +138,24 @@ def apply_objective(c: ml_collections.ConfigDict, name: str) -> None:
         c.dapo.overlong.buffer = 0
 
 
+def apply_smoke(c: ml_collections.ConfigDict, max_new_tokens: int) -> None:
+    """The ``:smoke`` variant of an embedded-task config: a < 1 minute run (2 steps, 4 x 4
+    responses of up to ``max_new_tokens``, 8 greedy eval problems, a checkpoint every step)."""
+    c.num_steps = 2
+    c.task.num_train = 64
+    c.task.num_eval = 8
+    c.rollout.prompts_per_step = 4
+    c.rollout.group_size = 4
+    c.rollout.max_new_tokens = max_new_tokens
+    c.train.num_minibatches = 2
+    c.eval.every = 2
+    c.eval.num_examples = 8
+    c.eval.sampled_samples = 0
+    c.eval.max_new_tokens = max_new_tokens
+    c.checkpoint.every = 1
+    c.log.progress = False
+
+
 def parse_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[set[str], str | None]:
     """'smoke,gspo' -> ({'smoke'}, 'gspo'); errors name the bad token."""
     flags, objective = set(), None

@@ -59,18 +59,7 @@ def get_config(arg: str | None = None):
     c.checkpoint.keep = 2
     c.score.chunk_size = 256
     if "smoke" in flags:
-        c.num_steps = 2
-        c.task.num_train = 64
-        c.task.num_eval = 8
-        c.rollout.prompts_per_step = 4
-        c.rollout.group_size = 4
-        c.rollout.max_new_tokens = 16
-        c.train.num_minibatches = 2
-        c.eval.every = 2
-        c.eval.num_examples = 8
-        c.eval.max_new_tokens = 16
-        c.checkpoint.every = 1
-        c.log.progress = False
+        common.apply_smoke(c, max_new_tokens=16)
     common.apply_objective(c, objective or "espo")
     c.lock()
     return c
