@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m espo_jax.main --config=configs/default.py --workdir=runs/demo
 
+# Whole test modules spread over TEST_WORKERS processes (pytest-xdist); 0 runs them in one.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	for b in experiments/benchmarks/*.py; do $(PY) $$b || exit 1; done

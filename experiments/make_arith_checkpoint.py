@@ -25,19 +25,19 @@ import functools
 import json
 import pathlib
 import pickle
-import shutil
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from espo_jax.data import arith, check_disjoint, check_vocab, load_tokenizer
-from espo_jax.data.char_tokenizer import save_char_tokenizer
-from espo_jax.models import Decoder, ModelConfig
+from espo_jax.data import arith, check_disjoint
 from espo_jax.models.decoder import positions_from_mask
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from harness import warm_start as W  # noqa: E402  (experiments/harness/)
 
 MAX_NEW = arith.MAX_RESPONSE_TOKENS
 
@@ -66,20 +66,6 @@ def parse_args():
     p.add_argument("--phase1_cache", default="",
                    help="pickle of the state after phase 1: reused if present, else written")
     return p.parse_args()
-
-
-def hf_config(vocab_size: int, tok, a) -> dict:
-    """A Hugging Face Qwen3 config.json for the tiny policy."""
-    return {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-        "vocab_size": vocab_size, "hidden_size": a.hidden, "intermediate_size": a.intermediate,
-        "num_hidden_layers": a.layers, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 32, "hidden_act": "silu", "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
-        "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False,
-        "bos_token_id": None, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-        "torch_dtype": "float32",
-    }
 
 
 def encode_sft(tok, examples, length: int, direct):
@@ -181,37 +167,16 @@ def main():
 
     # -- tokenizer, saved first so the model is built against what AutoTokenizer loads -------
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_char_tokenizer(arith.build_tokenizer(), tmp)
-    tok = load_tokenizer(tmp)
-    vocab_size = -(-len(tok) // 8) * 8  # pad the embedding to a multiple of 8
-    check_vocab(tok, vocab_size)
-    cfg_dict = hf_config(vocab_size, tok, a)
-    cfg = ModelConfig.from_hf(cfg_dict)
-    model = Decoder(cfg, rngs=nnx.Rngs(a.seed))
-    graphdef, params = nnx.split(model)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {vocab_size} "
-          f"(tokenizer {len(tok)}), {n_params/1e3:.0f}k params")
+    tok, graphdef, params = W.new_policy(arith.build_tokenizer(), tmp, layers=a.layers,
+                                         hidden=a.hidden, intermediate=a.intermediate,
+                                         head_dim=32, seed=a.seed)
 
     direct = np.random.default_rng(a.seed + 7).random(len(train)) < a.direct_frac
     phases = (encode_sft(tok, train, 56, np.zeros(len(train), bool)),  # scratchpad only
               encode_sft(tok, train, 56, direct))                         # mixed styles
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-        optax.warmup_cosine_decay_schedule(0.0, a.lr, 100, a.max_steps, a.lr * 0.1),
-        weight_decay=0.01))
+    tx = W.sft_optimizer(a.lr, a.max_steps, final_frac=0.1)
     opt_state = tx.init(params)
-
-    def loss_fn(params, ids, lmask):
-        logits = nnx.merge(graphdef, params)(ids[:, :-1])
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)[..., 0]
-        return (nll * lmask).sum() / lmask.sum()
-
-    @jax.jit
-    def train_step(params, opt_state, ids, lmask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids, lmask)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    train_step = W.sft_step(graphdef, tx)
 
     decode = make_decode(graphdef, tok.eos_token_id, tok.pad_token_id)
     rng = np.random.default_rng(a.seed)
@@ -250,21 +215,14 @@ def main():
         "sft_steps": step, "sft_seconds": round(sft_s, 1), "sft_cpu_seconds": round(sft_cpu, 1),
         "scratch_steps": a.scratch_steps, "direct_frac_phase2": a.direct_frac, "dev_greedy_acc": dev_acc,
         "eval_greedy": greedy, f"eval_sampled_G{a.samples}_T1": sampled,
-        "n_params": int(n_params),
+        "n_params": W.n_params(params),
     }
     print(json.dumps(summary, indent=2))
 
     if a.no_save:
         return
-    from espo_jax.models import save_pretrained  # noqa: E402 (model helper's exporter)
-
-    save_pretrained(nnx.merge(graphdef, params), tmp)
-    gen = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    (tmp / "warm_start.json").write_text(json.dumps({**summary, "seed": a.seed}, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    size = sum(f.stat().st_size for f in out.iterdir())
+    W.write_asset(nnx.merge(graphdef, params), tok, tmp, {**summary, "seed": a.seed})
+    size = W.promote(tmp, out)
     print(f"wrote {out} ({size/1e6:.2f} MB) in {time.time() - t0:.0f}s total "
           f"({time.process_time() - c0:.0f}s CPU)")
 

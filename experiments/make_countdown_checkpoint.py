@@ -32,23 +32,22 @@ import argparse
 import json
 import pathlib
 import random
-import shutil
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from espo_jax.data import check_disjoint, check_vocab, countdown, load_tokenizer
-from espo_jax.data.char_tokenizer import save_char_tokenizer
-from espo_jax.data.countdown_solver import apply, legal_moves
-from espo_jax.models import Decoder, ModelConfig
+from espo_jax.data import check_disjoint, countdown
+from espo_jax.data.countdown_solver import legal_moves
 from espo_jax.rewards.countdown import tokenize as cd_tokenize
 from espo_jax.rollout import generate
 from espo_jax.train.tasks import decode_responses
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from harness import warm_start as W  # noqa: E402  (experiments/harness/)
 
 MAX_NEW = countdown.MAX_RESPONSE_TOKENS
 GATE = {"format_valid": (0.95, 1.0), "arith_correct": (0.98, 1.0), "pass1_T1": (0.2, 0.4),
@@ -75,20 +74,6 @@ def parse_args():
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--no_save", action="store_true")
     return p.parse_args()
-
-
-def hf_config(vocab_size: int, tok, a) -> dict:
-    """A Hugging Face Qwen3 config.json for the small policy."""
-    return {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-        "vocab_size": vocab_size, "hidden_size": a.hidden, "intermediate_size": a.intermediate,
-        "num_hidden_layers": a.layers, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": a.hidden // 4, "hidden_act": "silu", "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
-        "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False,
-        "bos_token_id": None, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-        "torch_dtype": "float32",
-    }
 
 
 def sft_data(tok, examples, a):
@@ -226,35 +211,15 @@ def main():
     check_disjoint(train, evals)
 
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_char_tokenizer(countdown.build_tokenizer(), tmp)
-    tok = load_tokenizer(tmp)
-    vocab_size = -(-len(tok) // 8) * 8
-    check_vocab(tok, vocab_size)
-    cfg_dict = hf_config(vocab_size, tok, a)
-    model = Decoder(ModelConfig.from_hf(cfg_dict), rngs=nnx.Rngs(a.seed))
-    graphdef, params = nnx.split(model)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"model: {a.layers} layers, hidden {a.hidden}, vocab {vocab_size} "
-          f"(tokenizer {len(tok)}), {n_params/1e3:.0f}k params", flush=True)
+    tok, graphdef, params = W.new_policy(countdown.build_tokenizer(), tmp, layers=a.layers,
+                                         hidden=a.hidden, intermediate=a.intermediate,
+                                         head_dim=a.hidden // 4, seed=a.seed)
 
     ids, lmask, solver_success = sft_data(tok, train, a)
     print(f"sft data: {ids.shape}, solver success {solver_success:.3f}", flush=True)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-        optax.warmup_cosine_decay_schedule(0.0, a.lr, 100, a.steps, a.lr * 0.05),
-        weight_decay=0.01))
+    tx = W.sft_optimizer(a.lr, a.steps, final_frac=0.05)
     opt_state = tx.init(params)
-
-    def loss_fn(params, ids, lmask):
-        logits = nnx.merge(graphdef, params)(ids[:, :-1])
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)[..., 0]
-        return (nll * lmask).sum() / lmask.sum()
-
-    @jax.jit
-    def train_step(params, opt_state, ids, lmask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids, lmask)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    train_step = W.sft_step(graphdef, tx)
 
     rng = np.random.default_rng(a.seed)
     t_sft = time.time()
@@ -277,24 +242,17 @@ def main():
                    "success_rate": solver_success},
         "sft": {"traces": a.n_traces, "steps": a.steps, "batch": a.batch, "lr": a.lr,
                 "seconds": round(sft_s, 1), "final_loss": float(loss)},
-        "n_params": int(n_params), "seed": a.seed,
+        "n_params": W.n_params(params), "seed": a.seed,
         "command": "python " + " ".join(["experiments/make_countdown_checkpoint.py", *sys.argv[1:]]),
     }
     print(json.dumps(summary, indent=2), flush=True)
     if a.no_save:
         return
-    from espo_jax.models import save_pretrained  # noqa: PLC0415
-
-    save_pretrained(model, tmp)
-    gen = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    (tmp / "warm_start.json").write_text(json.dumps(summary, indent=2) + "\n")
+    W.write_asset(model, tok, tmp, summary)
     if not summary["gate_passed"]:  # keep the candidate in <out>.tmp for inspection only
         failed = [f"{k}={figures[k]:.3f} not in {GATE[k]}" for k, ok in passed.items() if not ok]
         sys.exit("GATE FAILED: " + "; ".join(failed) + f" (candidate left in {tmp}, {out} untouched)")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    size = sum(f.stat().st_size for f in out.iterdir())
+    size = W.promote(tmp, out)
     print(f"wrote {out} ({size/1e6:.2f} MB) in {time.time() - t0:.0f}s total "
           f"({time.process_time() - c0:.0f}s CPU)")
 

@@ -15,3 +15,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with a ``slow`` test first (stable otherwise): ``make test`` spreads whole
+    modules over 2 workers (pytest-xdist, --dist loadfile) in collection order, so the long
+    end-to-end modules starting last would leave one worker idle at the end."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from espo_jax.rollout import engine
+from espo_jax.rollout import engine_sharding
 from espo_jax.train.evaluate import evaluate
 from espo_jax.train.mesh import make_mesh
 from espo_jax.train.setup import load_policy
@@ -33,7 +33,7 @@ def test_eval_on_a_mesh_uses_the_sharded_engine_and_equals_one_device(monkeypatc
     model8, _ = load_policy(config, mesh)
 
     used = []
-    real = engine.sharded_engine_fn
+    real = engine_sharding.sharded_engine_fn
 
     def spy(m, *a):
         fn = real(m, *a)
@@ -43,7 +43,7 @@ def test_eval_on_a_mesh_uses_the_sharded_engine_and_equals_one_device(monkeypatc
             return fn(*args)
         return wrapped
 
-    monkeypatch.setattr(engine, "sharded_engine_fn", spy)
+    monkeypatch.setattr(engine_sharding, "sharded_engine_fn", spy)
     key = jax.random.key(5)
     ref = evaluate(model1, task, tok, config, key=key)
     assert not used  # one device: the plain engine

@@ -405,7 +405,7 @@ def test_sharded_engine_on_an_expert_mesh_equals_one_device(rollout):
     expert / FSDP splits once, one engine per batch shard runs all experts locally (no
     nested expert-parallel shard_map); the same tokens and recorded experts."""
     from espo_jax.rollout import generate
-    from espo_jax.rollout.engine import decode_model, sharded_engine_fn
+    from espo_jax.rollout.engine_sharding import decode_model, sharded_engine_fn
     from espo_jax.train import mesh as mesh_lib
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")

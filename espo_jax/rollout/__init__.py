@@ -7,8 +7,8 @@ static batch or continuous batching (``max_concurrent=K``, ``engine``).
 """
 from espo_jax.rollout.sampler import (STATIC_ARGNUMS, DecodeOptions, Rollout, bucket_length,
                                       decode, decode_jit, generate)
-from espo_jax.rollout.engine import (EngineOptions, decode_model, engine_decode, engine_jit,
-                                     kv_cache_bytes)
+from espo_jax.rollout.engine import EngineOptions, engine_decode, engine_jit, kv_cache_bytes
+from espo_jax.rollout.engine_sharding import decode_model, sharded_engine_fn
 from espo_jax.rollout.sampling import (apply_top_k, apply_top_p, process_logits, sample_rows,
                                        sample_step, token_keys)
 
@@ -16,5 +16,5 @@ __all__ = [
     "generate", "Rollout", "decode", "decode_jit", "DecodeOptions", "STATIC_ARGNUMS",
     "bucket_length", "sample_step", "process_logits", "apply_top_k", "apply_top_p",
     "sample_rows", "token_keys", "EngineOptions", "engine_decode", "engine_jit", "decode_model",
-    "kv_cache_bytes",
+    "sharded_engine_fn", "kv_cache_bytes",
 ]

@@ -402,56 +402,6 @@ STATIC_ARGNUMS = (0, 1)
 engine_jit = jax.jit(engine_decode, static_argnums=STATIC_ARGNUMS)
 
 
-@functools.lru_cache(maxsize=8)
-def sharded_engine_fn(mesh, axes=("data", "fsdp")):
-    """An ``engine_fn`` for ``generate`` that runs one engine per batch shard: the rows
-    split over ``axes`` of ``mesh`` (contiguous blocks), each device decodes its rows
-    with its own ceil(K / shards) slots and its own loop (no cross-device sync per
-    token), keys from the global row indices (so the same tokens as on one device).
-    Weights enter replicated (pass ``decode_model``'s copy; a TP split is gathered at
-    entry). Batches that do not divide the shards use ``engine_jit``. Cached per (mesh,
-    axes), so the training rollout and evaluation share one compiled program.
-    """
-    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
-
-    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
-    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    rows = P(axes if len(axes) > 1 else (axes[0] if axes else None))
-
-    @functools.partial(jax.jit, static_argnums=(0, 1))
-    def run(graphdef, options, state, prompts, prompt_len, budgets, key, temperature, top_p,
-            eos_ids, row_ids):
-        body = functools.partial(engine_decode, graphdef, options)
-        return jax.shard_map(
-            body, mesh=mesh, check_vma=False,
-            in_specs=(P(), rows, rows, rows, P(), P(), P(), P(), rows),
-            out_specs=(rows,) * (5 if options.routed_width else 4))(
-                state, prompts, prompt_len, budgets, key, temperature, top_p, eos_ids, row_ids)
-
-    def fn(graphdef, options, state, prompts, *rest):
-        b = prompts.shape[0]
-        if shards == 1 or b % shards:
-            return engine_jit(graphdef, options, state, prompts, *rest)
-        local = dataclasses.replace(
-            options, max_concurrent=-(-options.max_concurrent // shards),
-            decode_sizes=default_decode_sizes(-(-options.max_concurrent // shards)),
-)
-        return run(graphdef, local, state, prompts, *rest, jnp.arange(b, dtype=jnp.int32))
-
-    return fn
-
-
-def model_engine_fn(model: nnx.Module):
-    """``sharded_engine_fn`` on the mesh the model's weights are placed on (a
-    ``NamedSharding`` over more than one device), else None (``engine_jit``): what the
-    training rollout uses, for callers that only hold the model (evaluation)."""
-    for leaf in jax.tree.leaves(nnx.state(model)):
-        sh = getattr(leaf, "sharding", None)
-        if isinstance(sh, jax.sharding.NamedSharding):
-            return sharded_engine_fn(sh.mesh) if sh.mesh.size > 1 else None
-    return None
-
-
 def right_align(ids: np.ndarray, mask: np.ndarray, chunk: int, pad_id: int):
     """Left-padded (ids, mask) [B, P0] -> prompts i32[B, P] with each row's tokens at
     [0, len) (P = longest rounded up to a multiple of ``chunk``), lengths i32[B]."""
@@ -470,43 +420,3 @@ def engine_kwargs(rollout_config) -> dict:
     k = int(get("max_concurrent", 0) or 0)
     return dict(max_concurrent=k if k > 0 else None,
                 prefill_chunk=int(get("prefill_chunk", 512)), kv_block=int(get("kv_block", 256)))
-
-
-def decode_model(model: nnx.Module, mesh=None) -> nnx.Module:
-    """The decode copy of a model, made once per rollout: float params cast to the compute
-    dtype (``model.dtype``), and params placed on a mesh (``NamedSharding``; ``mesh``
-    overrides theirs) resharded so that only tensor-parallel ("tensor") splits remain:
-    the FSDP / data splits of the training state are gathered ONCE here, not per decoded
-    token. Free it (drop the reference) after the rollout. Returns ``model`` itself when
-    nothing changes (compute-dtype params, no FSDP / data splits).
-    """
-    graphdef, state = nnx.split(model)
-    dt = jnp.dtype(model.dtype)
-
-    def tp_only(x):
-        sh = getattr(x, "sharding", None)
-        if not isinstance(sh, jax.sharding.NamedSharding):
-            return None
-        keep = []
-        for axes in sh.spec:
-            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            names = tuple(a for a in names if a == "tensor")
-            keep.append(names[0] if names else None)
-        return jax.sharding.NamedSharding(mesh if mesh is not None else sh.mesh,
-                                          jax.sharding.PartitionSpec(*keep))
-
-    changed = False
-
-    def convert(x):
-        nonlocal changed
-        if not isinstance(x, jax.Array):
-            return x
-        y = x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
-        target = tp_only(x)
-        if target is not None and not x.sharding.is_equivalent_to(target, x.ndim):
-            y = jax.device_put(y, target)
-        changed |= y is not x
-        return y
-
-    new = jax.tree.map(convert, state)
-    return nnx.merge(graphdef, new) if changed else model

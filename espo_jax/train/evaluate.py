@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from espo_jax.rollout import generate
-from espo_jax.rollout.engine import decode_model, engine_kwargs, model_engine_fn
+from espo_jax.rollout.engine import engine_kwargs
+from espo_jax.rollout.engine_sharding import decode_model, model_engine_fn
 from espo_jax.train.distributed import to_host
 from espo_jax.train.tasks import Task, decode_responses, encode_prompts, stop_token_ids
 

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from espo_jax.objectives import compute_advantages
-from espo_jax.rollout.engine import decode_model, engine_kwargs, sharded_engine_fn
+from espo_jax.rollout.engine import engine_kwargs
+from espo_jax.rollout.engine_sharding import decode_model, sharded_engine_fn
 from espo_jax.train import checkpoint as ckpt_lib
 from espo_jax.train import mesh as mesh_lib
 from espo_jax.train import packing
