@@ -17,8 +17,8 @@ decode or at least C prompt tokens wait (the start: prefill-bound), else ``prefi
 with the K decode rows, as vLLM's chunked prefill), so a freed slot is refilled the step
 after it frees, without stalling the other rows for a whole prefill call.
 
-KV cache: per layer {"k", "v"} [K, S, KVH, hd] with S = P + N rounded up to the kv block
-(P: the longest prompt rounded up to the prefill chunk; N: the largest budget) -- sized
+KV cache: per layer {"k", "v"} [K, KVH, S, hd] with S = P + N rounded up to the kv block
+(P: the prompt array's width; N: the largest budget) -- sized
 by what is in flight (K), never by B. A sequence sits at positions [0, len) of its slot
 (no left padding: positions are cache indices). Attention (``kv_attention``) reads only
 the kv blocks below the longest live length of the rows in the call; prefill attends
@@ -59,8 +59,8 @@ class EngineOptions:
     """Static (compile-time) options of ``engine_decode``; hashable.
 
     max_new_tokens N (the output width; per-row budgets may be smaller);
-    max_concurrent K slots; prefill_chunk C prompt tokens per prefill step (the prompt
-    array's width is a multiple of C); kv_block positions per attention block (the cache
+    max_concurrent K slots; prefill_chunk C packed prompt tokens per prefill-heavy step
+    (at most K x the prompt width are used); kv_block positions per attention block (the cache
     length is a multiple of it); decode_sizes: descending batch sizes of the decode step,
     the first = K; sampling flags and pad_id as in ``sampler.DecodeOptions``;
     cache_dtype (None = the model's compute dtype); sampling: ``sampling.sample_rows``'s
@@ -86,6 +86,8 @@ class EngineOptions:
 
 # Prompt tokens a mixed step carries along with the K decode rows (see the module doc).
 DEFAULT_PREFILL_TOKENS = 32
+# Kv block of the packed prompt tokens' attention (at most; see ``mixed_with``).
+PREFILL_KV_BLOCK = 32
 
 
 def default_decode_sizes(k: int) -> tuple:
@@ -140,6 +142,14 @@ def _forward(model, ids, positions, cache, write, attend):
     return model.norm(x, out_dtype=jnp.float32), new_cache, routed
 
 
+def _write_kv(cache, slots, pos, k, v):
+    """A layer's cache {"k", "v"} [K, KVH, S, hd] with the new keys / values k, v
+    [M, 1, KVH, hd] stored at (slots[m], pos[m]); slot K (out of range) writes nowhere."""
+    dt = cache["k"].dtype
+    return {"k": cache["k"].at[slots, :, pos].set(k[:, 0].astype(dt), mode="drop"),
+            "v": cache["v"].at[slots, :, pos].set(v[:, 0].astype(dt), mode="drop")}
+
+
 def _unembed(model, w, hidden):
     """Logits f32[M, V] of hidden f32[M, D]: compute-dtype operands, f32 accumulation
     (the scoring pass's precision, ``espo_jax.ops.logprobs``)."""
@@ -157,8 +167,7 @@ def engine_decode(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The whole continuous-batching rollout; pure. Jit with ``static_argnums=(0, 1)``.
 
-    prompts i32[B, P] RIGHT-padded (row i's tokens at [0, prompt_len[i]); P a multiple of
-    options.prefill_chunk); prompt_len i32[B] (>= 1); budgets i32[B] in [1, N] (max new
+    prompts i32[B, P] RIGHT-padded (row i's tokens at [0, prompt_len[i])); prompt_len i32[B] (>= 1); budgets i32[B] in [1, N] (max new
     tokens per row); key a PRNG key; temperature, top_p f32 scalars; eos_ids i32[E];
     row_ids i32[B]: each row's index for its keys (default arange(B); a shard of a
     bigger rollout passes its global rows).
@@ -171,15 +180,16 @@ def engine_decode(
     cfg = model.config
     o = options
     b, p = prompts.shape
-    n, k, c, blk = o.max_new_tokens, o.max_concurrent, o.prefill_chunk, o.kv_block
-    if p % c:
-        raise ValueError(f"prompt width {p} must be a multiple of prefill_chunk {c}")
+    n, k, blk = o.max_new_tokens, o.max_concurrent, o.kv_block
+    # A prefill-heavy step packs up to C prompt tokens, whatever the prompts' lengths:
+    # never more than K whole prompts hold (they would be padding rows).
+    c = max(1, min(o.prefill_chunk, k * p))
     s = -(-(p + n) // blk) * blk
     if getattr(cfg, "is_moe", False) and o.routed_width < 1:
         raise ValueError("EngineOptions.routed_width must be the left-padded prompt width "
                          "(>= 1) for an MoE model (the routed-experts output layout)")
     cdt = jnp.dtype(o.cache_dtype) if o.cache_dtype is not None else jnp.dtype(model.dtype)
-    shape = (k, s, cfg.num_kv_heads, cfg.head_dim)
+    shape = (k, cfg.num_kv_heads, s, cfg.head_dim)  # heads before positions: see kv_attention
     cache = [{"k": jnp.zeros(shape, cdt), "v": jnp.zeros(shape, cdt)}
              for _ in range(cfg.num_layers)]
     w = model.unembedding().astype(model.dtype)  # once per rollout, not per token
@@ -242,7 +252,9 @@ def engine_decode(
         the prefilling slots' remaining prompt tokens, earliest row first, fill the tp
         token budget, each with its own slot and position. A slot whose prompt ends in
         this step samples its first token; decoding slots sample their next one."""
-        pblk = math.gcd(blk, tp)  # prefill keys: short blocks (divides the cache length)
+        # Prefill keys in short blocks (dividing the cache length): each packed token
+        # gathers its slot's blocks up to its own position, so long blocks waste reads.
+        pblk = math.gcd(blk, min(tp, PREFILL_KV_BLOCK))
 
         def step(carry):
             slots, out, nxt, cache = carry
@@ -278,8 +290,7 @@ def engine_decode(
             pos = jnp.concatenate([ln, tpos])
 
             def write(cc, kk, vv):
-                return {"k": cc["k"].at[at, pos].set(kk[:, 0].astype(cdt), mode="drop"),
-                        "v": cc["v"].at[at, pos].set(vv[:, 0].astype(cdt), mode="drop")}
+                return _write_kv(cc, at, pos, kk, vv)
 
             def attend(q, cc):
                 od = ragged_attention(q[:k], cc["k"], cc["v"], None, ln[:, None],
@@ -319,9 +330,7 @@ def engine_decode(
             steps = slots["step"][safe]
 
             def write(cc, kk, vv):
-                at = jnp.where(live, idx, k)  # idle rows write nowhere
-                return {"k": cc["k"].at[at, pos].set(kk[:, 0].astype(cdt), mode="drop"),
-                        "v": cc["v"].at[at, pos].set(vv[:, 0].astype(cdt), mode="drop")}
+                return _write_kv(cc, jnp.where(live, idx, k), pos, kk, vv)  # idle: nowhere
 
             def attend(q, cc):
                 return ragged_attention(q, cc["k"], cc["v"], None if size == k else safe,

@@ -8,7 +8,9 @@ O(live tokens), not O(S); within a block, positions past a row's own length are 
 Online (flash-style) softmax across blocks in float32.
 
 Shapes: M query rows, T queries per row, H query heads, KVH kv heads (H = KVH * G),
-hd head dim, K cache slots, S cache positions (a multiple of ``block``).
+hd head dim, K cache slots, S cache positions (a multiple of ``block``). The cache is
+[K, KVH, S, hd]: a block slice is then already in the batched dot's layout (batch m, kv
+head; no transpose copy per block, as a [K, S, KVH, hd] cache needs).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ _NEG = -1e30
 def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
     """Causal attention of new queries over their slots' cached keys / values.
 
-    q [M, T, H, hd]; k_cache, v_cache [K, S, KVH, hd] (already holding the queries' own
+    q [M, T, H, hd]; k_cache, v_cache [K, KVH, S, hd] (already holding the queries' own
     keys); slots i32[M] (the slot of each query row; an out-of-range slot gives a
     garbage row the caller drops), or None when row m is slot m (M = K: no gather);
     q_pos i32[M, T] (each query's position); kv_len
@@ -32,7 +34,7 @@ def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
     keys at positions <= min(p, kv_len - 1). Returns [M, T, H, hd] in q.dtype.
     """
     m, t, h, hd = q.shape
-    s, kvh = k_cache.shape[1], k_cache.shape[2]
+    kvh, s = k_cache.shape[1], k_cache.shape[2]
     if s % block:
         raise ValueError(f"cache length {s} must be a multiple of the kv block {block}")
     qg = q.reshape(m, t, kvh, h // kvh, hd)
@@ -43,13 +45,13 @@ def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
     def body(b, carry):
         mx, den, acc = carry
         start = b * block
-        kb = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=1)
-        vb = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=1)
+        kb = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=2)
         if slots is not None:
-            kb = jnp.take(kb, slots, axis=0, mode="clip")                    # [M,blk,KVH,hd]
+            kb = jnp.take(kb, slots, axis=0, mode="clip")                    # [M,KVH,blk,hd]
             vb = jnp.take(vb, slots, axis=0, mode="clip")
         kb, vb = kb.astype(q.dtype), vb.astype(q.dtype)
-        sc = jnp.einsum("mtkgd,mskd->mkgts", qg, kb, preferred_element_type=jnp.float32)
+        sc = jnp.einsum("mtkgd,mksd->mkgts", qg, kb, preferred_element_type=jnp.float32)
         sc = sc * scale
         kpos = start + jnp.arange(block)
         ok = ((kpos[None, None, :] <= q_pos[:, :, None])
@@ -60,7 +62,7 @@ def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
         p = jnp.where(ok, jnp.exp(sc - mx_new[..., None]), 0.0)
         corr = jnp.exp(mx - mx_new)
         den = den * corr + p.sum(-1)
-        pv = jnp.einsum("mkgts,mskd->mkgtd", p.astype(vb.dtype), vb,
+        pv = jnp.einsum("mkgts,mksd->mkgtd", p.astype(vb.dtype), vb,
                         preferred_element_type=jnp.float32)
         acc = acc * corr[..., None] + pv
         return mx_new, den, acc

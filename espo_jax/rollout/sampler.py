@@ -376,7 +376,8 @@ def generate(
         block = min(int(kv_block), bucket_length(plen + n_max))
         k = min(int(max_concurrent), ids.shape[0])
         options = engine.EngineOptions(
-            max_new_tokens=n_max, max_concurrent=k, prefill_chunk=chunk, kv_block=block,
+            max_new_tokens=n_max, max_concurrent=k, prefill_chunk=int(prefill_chunk),
+            kv_block=block,
             decode_sizes=engine.default_decode_sizes(k), top_k=int(top_k),
             greedy=bool(greedy), use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
             cache_dtype=cache_dtype, sampling=sampling,

@@ -244,7 +244,8 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
             chunk = min(ek["prefill_chunk"], shapes.prompt_len)
             width = -(-shapes.prompt_len // chunk) * chunk
             opts = engine.EngineOptions(
-                max_new_tokens=shapes.response_len, max_concurrent=k, prefill_chunk=chunk,
+                max_new_tokens=shapes.response_len, max_concurrent=k,
+                prefill_chunk=ek["prefill_chunk"],
                 kv_block=min(ek["kv_block"], bucket_length(width + shapes.response_len)),
                 decode_sizes=engine.default_decode_sizes(k), top_k=int(r.top_k),
                 use_top_p=bool(float(r.top_p) < 1.0),
