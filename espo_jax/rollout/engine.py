@@ -86,8 +86,6 @@ class EngineOptions:
 
 # Prompt tokens a mixed step carries along with the K decode rows (see the module doc).
 DEFAULT_PREFILL_TOKENS = 32
-# Kv block of the packed prompt tokens' attention (at most; see ``mixed_with``).
-PREFILL_KV_BLOCK = 32
 
 
 def default_decode_sizes(k: int) -> tuple:
@@ -252,9 +250,7 @@ def engine_decode(
         the prefilling slots' remaining prompt tokens, earliest row first, fill the tp
         token budget, each with its own slot and position. A slot whose prompt ends in
         this step samples its first token; decoding slots sample their next one."""
-        # Prefill keys in short blocks (dividing the cache length): each packed token
-        # gathers its slot's blocks up to its own position, so long blocks waste reads.
-        pblk = math.gcd(blk, min(tp, PREFILL_KV_BLOCK))
+        pblk = math.gcd(blk, tp)  # prefill keys: short blocks (divides the cache length)
 
         def step(carry):
             slots, out, nxt, cache = carry
