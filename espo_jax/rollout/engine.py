@@ -18,11 +18,11 @@ with the K decode rows, as vLLM's chunked prefill), so a freed slot is refilled 
 after it frees, without stalling the other rows for a whole prefill call.
 
 KV cache: per layer {"k", "v"} [K, KVH, S, hd] with S = P + N rounded up to the kv block
-(P: the prompt array's width; N: the largest budget) -- sized
-by what is in flight (K), never by B. A sequence sits at positions [0, len) of its slot
-(no left padding: positions are cache indices). Attention (``kv_attention``) reads only
-the kv blocks below the longest live length of the rows in the call; prefill attends
-only over the prompt's own positions.
+(P: the prompt array's width; N: the largest budget) -- sized by what is in flight (K),
+never by B. A sequence sits at positions [0, len) of its slot (no left padding:
+positions are cache indices). Attention (``kv_attention``) reads only the kv blocks below
+the longest live length of the rows in the call; prefill attends only over the prompt's
+own positions.
 
 Drain: once fewer than K slots are busy, the decode step gathers the busy slots into the
 smallest of ``decode_sizes`` that holds them (one inner loop per static size), so the
@@ -60,8 +60,8 @@ class EngineOptions:
 
     max_new_tokens N (the output width; per-row budgets may be smaller);
     max_concurrent K slots; prefill_chunk C packed prompt tokens per prefill-heavy step
-    (at most K x the prompt width are used); kv_block positions per attention block (the cache
-    length is a multiple of it); decode_sizes: descending batch sizes of the decode step,
+    (at most K x the prompt width are used); kv_block positions per attention block (the
+    cache length is a multiple of it); decode_sizes: descending batch sizes of the decode step,
     the first = K; sampling flags and pad_id as in ``sampler.DecodeOptions``;
     cache_dtype (None = the model's compute dtype); sampling: ``sampling.sample_rows``'s
     method; prefill_tokens: packed prompt tokens per mixed step while at least K/2 slots
@@ -165,10 +165,10 @@ def engine_decode(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The whole continuous-batching rollout; pure. Jit with ``static_argnums=(0, 1)``.
 
-    prompts i32[B, P] RIGHT-padded (row i's tokens at [0, prompt_len[i])); prompt_len i32[B] (>= 1); budgets i32[B] in [1, N] (max new
-    tokens per row); key a PRNG key; temperature, top_p f32 scalars; eos_ids i32[E];
-    row_ids i32[B]: each row's index for its keys (default arange(B); a shard of a
-    bigger rollout passes its global rows).
+    prompts i32[B, P] RIGHT-padded (row i's tokens at [0, prompt_len[i])); prompt_len
+    i32[B] (>= 1); budgets i32[B] in [1, N] (max new tokens per row); key a PRNG key;
+    temperature, top_p f32 scalars; eos_ids i32[E]; row_ids i32[B]: each row's index for
+    its keys (default arange(B); a shard of a bigger rollout passes its global rows).
     Rows are started in index order. Returns (tokens i32[B, N] (pad_id after the end),
     lengths i32[B], logprobs f32[B, N] (0 after the end), stats i32[1 + len(decode_sizes)]:
     the number of prefill steps, then of decode steps at each size), plus, for an MoE

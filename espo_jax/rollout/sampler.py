@@ -71,8 +71,9 @@ class Rollout(NamedTuple):
 def _last_logits(model, w, ids, positions, kv_mask, cache, cache_index):
     """Logits f32[B, V] of the LAST input position only, the updated cache, and the routed
     experts i32[B, T, L, k] of the T input tokens (None for a dense model). w f32[D, V]:
-    the unembedding, made once per rollout (a [D, V] copy: against the tied [V, D]
-    embedding XLA:CPU's decode matmul runs ~2.4x slower).
+    the unembedding, made once per rollout outside the decode loop (a [D, V] array, as the
+    engine's; inside the loop XLA fused the tied [V, D] embedding's transpose into each
+    step's matmul).
 
     Unembeds only the last hidden state: a full prefill would otherwise materialise
     f32[B, P, V] logits (GBs for long prompts and 150k vocabularies).
@@ -379,8 +380,7 @@ def generate(
         k = min(int(max_concurrent), ids.shape[0])
         options = engine.EngineOptions(
             max_new_tokens=n_max, max_concurrent=k, prefill_chunk=int(prefill_chunk),
-            kv_block=block,
-            decode_sizes=engine.default_decode_sizes(k), top_k=int(top_k),
+            kv_block=block, decode_sizes=engine.default_decode_sizes(k), top_k=int(top_k),
             greedy=bool(greedy), use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
             cache_dtype=cache_dtype, sampling=sampling,
             prefill_tokens=engine.DEFAULT_PREFILL_TOKENS if prefill_tokens is None

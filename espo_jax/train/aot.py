@@ -236,8 +236,8 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
                           batch["prompt_mask"], key, scalar, scalar, eos, budgets)
         else:
             # Continuous batching: each device runs its own engine over its rows with
-            # ceil(K / shards) slots (``engine_sharding.sharded_engine_fn``), weights replicated
-            # (``engine_sharding.decode_model``): compile that per-device program.
+            # ceil(K / shards) slots (``engine_sharding.sharded_engine_fn``), weights
+            # replicated (``engine_sharding.decode_model``): compile that per-device program.
             shards = mesh_lib.batch_divisor(mesh)
             k = -(-ek["max_concurrent"] // shards)
             rows = max(1, shapes.rollout_rows // shards)
