@@ -297,8 +297,9 @@ def generate(
       cache, every row runs until the last one ends). K -> continuous batching
       (``espo_jax.rollout.engine``): K rows in flight, a finished row's slot is refilled
       with the next prompt, a K x (P + N) cache, ragged attention; the same responses.
-    prefill_chunk, kv_block: the engine's prompt tokens per prefill step and kv
-      positions per attention block (clipped to the bucket for short inputs).
+    prefill_chunk, kv_block: the engine's packed prompt tokens per prefill-bound step
+      (several short prompts share one step) and kv positions per attention block
+      (clipped to the bucket for short inputs).
     prefill_tokens: packed prompt tokens the engine adds to each decode step while
       prompts are being prefilled and at least K/2 slots decode (None: the engine's
       default; a prefill-bound step, e.g. the start, takes prefill_chunk tokens).
