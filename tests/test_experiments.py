@@ -80,6 +80,10 @@ def test_resume_skips_finished_and_locks(tmp_path):
     assert runner.is_finished(run)
     assert runner.run_one(run)["status"] == "cached"
     assert runner.metrics_complete(run.workdir)
+    seen = []  # run_all hands each finished run to on_finished (the sweeps archive it at once)
+    assert [s["status"] for s in runner.run_all([run], on_finished=seen.append,
+                                                log=lambda *_: None)] == ["cached"]
+    assert seen == [run]
     lines = (run.workdir / "metrics.jsonl").read_text().splitlines()
     (run.workdir / "metrics.jsonl").write_text("\n".join(lines[:-2]) + "\n")
     assert not runner.metrics_complete(run.workdir)      # e.g. a run stopped by SIGTERM

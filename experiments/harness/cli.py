@@ -157,7 +157,8 @@ def resolved_settings(runs: Sequence[Run]) -> list[str]:
 
 def run_sweep(runs: Sequence[Run], args) -> list[dict]:
     """run_all with the CLI options of add_common_args (nothing when --report_only). With
-    --archive, finished runs are restored from the archive first and archived after."""
+    --archive, finished runs are restored from the archive first and each archived as it
+    finishes."""
     runs_dir = pathlib.Path(args.runs_dir)
     archive = pathlib.Path(args.archive) if args.archive else None
     if archive is not None:
@@ -167,7 +168,9 @@ def run_sweep(runs: Sequence[Run], args) -> list[dict]:
     else:
         cache = None if args.no_compile_cache else runs_dir / ".jax_cache"
         statuses = run_all(runs, jobs=args.jobs, keep_checkpoints=args.keep_checkpoints,
-                           timeout_s=args.timeout, compile_cache=cache)
+                           timeout_s=args.timeout, compile_cache=cache,
+                           on_finished=None if archive is None else
+                           (lambda r: archive_finished([r], runs_dir, archive)))
     if archive is not None:
         print(f"archived {archive_finished(runs, runs_dir, archive)} finished runs in {archive}")
     return statuses

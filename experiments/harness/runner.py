@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
 from harness.specs import NEUTRAL_KEYS, REPO, Run
 
@@ -134,8 +134,11 @@ def run_one(run: Run, *, keep_checkpoints: bool = False, timeout_s: float | None
 
 def run_all(runs: Sequence[Run], *, jobs: int = 1, keep_checkpoints: bool = False,
             timeout_s: float | None = None, compile_cache: pathlib.Path | None = None,
-            log=print) -> list[dict]:
+            on_finished: Callable[[Run], object] | None = None, log=print) -> list[dict]:
     """Run every run not yet finished, ``jobs`` subprocesses at a time.
+
+    on_finished: called with each run that finishes here (e.g. to archive it at once, so a
+    sweep cut off between runs loses nothing that finished).
 
     compile_cache: a directory for JAX's persistent compilation cache, shared by the runs
     (seeds and objectives compile the same sampler / scoring programs: compile once).
@@ -158,6 +161,8 @@ def run_all(runs: Sequence[Run], *, jobs: int = 1, keep_checkpoints: bool = Fals
         extra = f" in {st['wall_s']:.0f} s" if "wall_s" in st else ""
         log(f"  {st['status']}: {r.variant.name} seed {r.seed}{extra}"
             + (f" (see {r.workdir / 'run.log'})" if st["status"] == "failed" else ""))
+        if on_finished is not None and is_finished(r):
+            on_finished(r)
         return st
 
     _STOP.clear()
