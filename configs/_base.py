@@ -71,8 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
         # Continuous batching (also for evaluation): K sequences in flight, a finished
         # one's slot refilled with the next prompt; 0 = one static batch of all rows.
         # prefill_chunk / kv_block: powers of two (prompt tokens per prefill step, kv
-        # positions per attention block).
-        max_concurrent=0, prefill_chunk=512, kv_block=256))
+        # positions per attention block). engine_attention: auto (the Pallas ragged paged
+        # attention kernel on TPU, else xla) | xla | ragged_paged | ragged_paged_xla.
+        max_concurrent=0, prefill_chunk=512, kv_block=256, engine_attention="auto"))
     # Truncated IS weights between the sampler's and the scoring pass's log-probs, applied
     # to every objective's per-token loss: mode off | token | sequence.
     c.rollout_correction = ml_collections.ConfigDict(dict(mode="off", threshold=2.0))

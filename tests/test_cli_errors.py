@@ -63,6 +63,7 @@ def check_one_line(code, err, *needles):
     (["--config.rollout.group_size=1"], ["rollout.group_size"]),
     (["--config.rollout.max_concurrent=-1"], ["rollout.max_concurrent", ">= 0", "-1"]),
     (["--config.rollout.kv_block=100"], ["rollout.kv_block", "power of two", "100"]),
+    (["--config.rollout.engine_attention=paged"], ["rollout.engine_attention", "paged"]),
     (["--config.train.num_minibatches=3"], ["num_minibatches=3"]),
     (["--config.model.dtype=float8"], ["model.dtype", "float8"]),
     (["--config.model.attention_impl=flash"], ["model.attention_impl", "'flash'", "blockwise"]),

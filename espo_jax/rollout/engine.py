@@ -19,7 +19,8 @@ after it frees, without stalling the other rows for a whole prefill call.
 
 KV cache: per layer {"k", "v"} [K, KVH, S, hd] with S = P + N rounded up to the kv block
 (P: the prompt array's width; N: the largest budget) -- sized by what is in flight (K),
-never by B. A sequence sits at positions [0, len) of its slot (no left padding:
+never by B. On TPU (``EngineOptions.attention``) it is {"kv"} in the pages of JAX's ragged
+paged attention kernel instead, one fixed run of pages per slot (``paged_attention``). A sequence sits at positions [0, len) of its slot (no left padding:
 positions are cache indices). Attention (``kv_attention``) reads only the kv blocks below
 the longest live length of the rows in the call; prefill attends only over the prompt's
 own positions.
@@ -50,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from espo_jax.models.layers import rope_inv_freq
+from espo_jax.rollout import paged_attention as paged_lib
 from espo_jax.rollout.kv_attention import ragged_attention
 from espo_jax.rollout.sampling import sample_rows
 
@@ -67,7 +69,11 @@ class EngineOptions:
     method; prefill_tokens: packed prompt tokens per mixed step while at least K/2 slots
     decode (0 or >= C: C, one mixed step size); routed_width: MoE models only, the
     left-padded prompt width P0 of the routed-experts output (``sampler.Rollout``'s layout
-    [B, P0 + N, L, k]).
+    [B, P0 + N, L, k]); attention: the cache layout and attention implementation,
+    "xla" (``kv_attention``), "ragged_paged" (the TPU Pallas kernel) or "ragged_paged_xla"
+    (its contract in XLA) (``paged_attention``; resolve "auto" with
+    ``paged_attention.resolve_attention`` first); page_size: positions per page of the
+    paged layouts (``paged_attention.page_size_for`` fits it to kv_block).
     """
     max_new_tokens: int
     max_concurrent: int
@@ -82,6 +88,8 @@ class EngineOptions:
     sampling: str = "gumbel"
     prefill_tokens: int = 0
     routed_width: int = 0
+    attention: str = "xla"
+    page_size: int = paged_lib.DEFAULT_PAGE_SIZE
 
 
 # Prompt tokens a mixed step carries along with the K decode rows (see the module doc).
@@ -187,9 +195,31 @@ def engine_decode(
         raise ValueError("EngineOptions.routed_width must be the left-padded prompt width "
                          "(>= 1) for an MoE model (the routed-experts output layout)")
     cdt = jnp.dtype(o.cache_dtype) if o.cache_dtype is not None else jnp.dtype(model.dtype)
-    shape = (k, cfg.num_kv_heads, s, cfg.head_dim)  # heads before positions: see kv_attention
-    cache = [{"k": jnp.zeros(shape, cdt), "v": jnp.zeros(shape, cdt)}
-             for _ in range(cfg.num_layers)]
+    if o.attention not in paged_lib.ATTENTION_IMPLS[1:]:
+        raise ValueError(f"EngineOptions.attention must be one of "
+                         f"{paged_lib.ATTENTION_IMPLS[1:]} (resolve 'auto' first), "
+                         f"got {o.attention!r}")
+    paged = o.attention != "xla"
+    if paged:
+        page = paged_lib.page_size_for(blk, o.page_size)
+        cache = [{"kv": paged_lib.init_paged_cache(k, s, cfg.num_kv_heads, cfg.head_dim,
+                                                   page, cdt)}
+                 for _ in range(cfg.num_layers)]
+    else:
+        shape = (k, cfg.num_kv_heads, s, cfg.head_dim)  # heads before positions: kv_attention
+        cache = [{"k": jnp.zeros(shape, cdt), "v": jnp.zeros(shape, cdt)}
+                 for _ in range(cfg.num_layers)]
+
+    def writer(at, pos):
+        """The ``_forward`` write of new keys / values to slots ``at`` (k: nowhere), ``pos``."""
+        if paged:
+            return lambda cc, kk, vv: {"kv": paged_lib.write_paged(cc["kv"], at, pos, kk, vv,
+                                                                   num_slots=k)}
+        return lambda cc, kk, vv: _write_kv(cc, at, pos, kk, vv)
+
+    def paged_attender(seq_slots, q_lens, kv_lens):
+        return lambda q, cc: paged_lib.paged_attend(o.attention, q, cc["kv"], seq_slots,
+                                                     q_lens, kv_lens, num_slots=k)
     w = model.unembedding().astype(model.dtype)  # once per rollout, not per token
     sample = functools.partial(sample_rows, temperature=temperature, top_p=top_p,
                                top_k=o.top_k, greedy=o.greedy, use_top_p=o.use_top_p,
@@ -278,15 +308,13 @@ def engine_decode(
             tpos = ln[tslot] + j - start_o[qi]
             trow = rr[tslot]
             tids = prompts[trow, jnp.clip(tpos, 0, p - 1)]
-            taken = jnp.zeros((k,), jnp.int32).at[order].set(
-                jnp.clip(tp - start_o, 0, rem_o))
+            taken_o = jnp.clip(tp - start_o, 0, rem_o)
+            taken = jnp.zeros((k,), jnp.int32).at[order].set(taken_o)
             last = jnp.zeros((k,), jnp.int32).at[order].set(end_o - 1)
             fin = pre & (taken >= plen - ln)
             at = jnp.concatenate([jnp.where(dec, ar, k), jnp.where(tvalid, tslot, k)])
             pos = jnp.concatenate([ln, tpos])
-
-            def write(cc, kk, vv):
-                return _write_kv(cc, at, pos, kk, vv)
+            write = writer(at, pos)
 
             def attend(q, cc):
                 od = ragged_attention(q[:k], cc["k"], cc["v"], None, ln[:, None],
@@ -294,6 +322,13 @@ def engine_decode(
                 op = ragged_attention(q[k:], cc["k"], cc["v"], tslot, tpos[:, None],
                                       jnp.where(tvalid, tpos + 1, 0), block=pblk)
                 return jnp.concatenate([od, op])
+
+            if paged:  # sequences: the K decode rows (1 query each), then each prefilling
+                # slot's packed tokens (its last `taken` positions; 0 for the others)
+                attend = paged_attender(jnp.concatenate([ar, order]),
+                                        jnp.concatenate([jnp.ones((k,), jnp.int32), taken_o]),
+                                        jnp.concatenate([jnp.where(dec, ln + 1, 1),
+                                                         ln[order] + taken_o]))
 
             ids = jnp.concatenate([slots["prev"], tids])[:, None]
             hidden, cache, rx = _forward(model, ids, pos[:, None], cache, write, attend)
@@ -325,13 +360,16 @@ def engine_decode(
             rows, pos = slots["row"][safe], slots["len"][safe]
             steps = slots["step"][safe]
 
-            def write(cc, kk, vv):
-                return _write_kv(cc, jnp.where(live, idx, k), pos, kk, vv)  # idle: nowhere
+            write = writer(jnp.where(live, idx, k), pos)  # idle rows write nowhere
 
             def attend(q, cc):
                 return ragged_attention(q, cc["k"], cc["v"], None if size == k else safe,
                                         pos[:, None],
                                         jnp.where(live, pos + 1, 0), block=blk)
+
+            if paged:  # one query per row; idle rows read their slot's first key
+                attend = paged_attender(safe, jnp.ones((size,), jnp.int32),
+                                        jnp.where(live, pos + 1, 1))
 
             hidden, cache, rx = _forward(model, slots["prev"][safe][:, None], pos[:, None],
                                          cache, write, attend)
@@ -420,8 +458,10 @@ def right_align(ids: np.ndarray, mask: np.ndarray, chunk: int, pad_id: int):
 
 def engine_kwargs(rollout_config) -> dict:
     """generate() keywords from a ``rollout`` config block: max_concurrent (0 -> None,
-    the static batch), prefill_chunk, kv_block (their defaults where the block lacks them)."""
+    the static batch), prefill_chunk, kv_block, attention (``rollout.engine_attention``)
+    (their defaults where the block lacks them)."""
     get = rollout_config.get
     k = int(get("max_concurrent", 0) or 0)
     return dict(max_concurrent=k if k > 0 else None,
-                prefill_chunk=int(get("prefill_chunk", 512)), kv_block=int(get("kv_block", 256)))
+                prefill_chunk=int(get("prefill_chunk", 512)), kv_block=int(get("kv_block", 256)),
+                attention=str(get("engine_attention", "auto")))

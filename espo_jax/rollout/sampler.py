@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from espo_jax.rollout import engine
+from espo_jax.rollout import engine, paged_attention
 from espo_jax.rollout.sampling import SAMPLING_METHODS, sample_rows, token_keys
 
 
@@ -277,7 +277,7 @@ def generate(
     cache_dtype: Any = None, decode_fn: Callable | None = None,
     max_concurrent: int | None = None, prefill_chunk: int = 512, kv_block: int = 256,
     engine_fn: Callable | None = None, sampling: str = "gumbel",
-    prefill_tokens: int | None = None,
+    prefill_tokens: int | None = None, attention: str = "auto",
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt with a KV cache, in one jitted call.
 
@@ -303,6 +303,9 @@ def generate(
     prefill_tokens: packed prompt tokens the engine adds to each decode step while
       prompts are being prefilled and at least K/2 slots decode (None: the engine's
       default; a prefill-bound step, e.g. the start, takes prefill_chunk tokens).
+    attention: the engine's KV layout and attention (``paged_attention``): "auto" (the
+      Pallas ragged paged attention kernel on TPU, else "xla"), "xla", "ragged_paged",
+      "ragged_paged_xla" (the kernel's contract in XLA, for checking the paged plumbing).
     decode_fn: a jitted variant of ``decode`` with the same signature, e.g.
       ``jax.jit(decode, static_argnums=STATIC_ARGNUMS, in_shardings=..., out_shardings=...)``;
       defaults to ``decode_jit`` (static batch only).
@@ -326,6 +329,7 @@ def generate(
                                        or max_concurrent < 1):
         raise ValueError(f"max_concurrent must be None (one static batch) or an int >= 1, "
                          f"got {max_concurrent!r}")
+    attention = paged_attention.resolve_attention(attention)
     for name, v in (("prefill_chunk", prefill_chunk), ("kv_block", kv_block)):
         if not isinstance(v, (int, np.integer)) or v < 1 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 1, got {v!r}")
@@ -386,7 +390,7 @@ def generate(
             cache_dtype=cache_dtype, sampling=sampling,
             prefill_tokens=engine.DEFAULT_PREFILL_TOKENS if prefill_tokens is None
             else int(prefill_tokens),
-            routed_width=plen if model.config.is_moe else 0)
+            routed_width=plen if model.config.is_moe else 0, attention=attention)
         right, plens = engine.right_align(ids, mask, chunk, pad_id)
         out = (engine_fn or engine.engine_jit)(
             graphdef, options, state, jnp.asarray(right), jnp.asarray(plens),

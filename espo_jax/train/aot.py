@@ -197,6 +197,7 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
 
     from espo_jax.rollout import DecodeOptions, bucket_length, engine  # noqa: PLC0415
     from espo_jax.rollout.engine import engine_kwargs  # noqa: PLC0415
+    from espo_jax.rollout.paged_attention import resolve_attention  # noqa: PLC0415
     from espo_jax.train import mesh as mesh_lib  # noqa: PLC0415
 
     b = build(config, mesh, num_layers)
@@ -251,7 +252,11 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
                 use_top_p=bool(float(r.top_p) < 1.0),
                 prefill_tokens=engine.DEFAULT_PREFILL_TOKENS,
                 routed_width=(bucket_length(shapes.prompt_len)
-                              if b["cfg"].is_moe else 0))  # MoE: experts recorded
+                              if b["cfg"].is_moe else 0),  # MoE: experts recorded
+                # The Pallas kernel compiles for TPU only; elsewhere the XLA layout (the
+                # same cache bytes) stands in.
+                attention=(resolve_attention(ek["attention"])
+                           if jax.default_backend() == "tpu" else "xla"))
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             local = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
                                  abs_state)

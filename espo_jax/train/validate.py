@@ -23,6 +23,7 @@ from espo_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
 from espo_jax.models.dtypes import canonical_dtype
 from espo_jax.objectives import resolve_hparams
 from espo_jax.objectives.advantages import ESTIMATORS
+from espo_jax.rollout.paged_attention import ATTENTION_IMPLS as ENGINE_ATTENTION
 
 TASKS = ("arith", "countdown", "math")
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -167,6 +168,10 @@ def _engine(config) -> None:
             v = _int(config, f"rollout.{key}", lo=1)
             if v & (v - 1):
                 raise ValueError(f"rollout.{key} must be a power of two, got {v}")
+    impl = r.get("engine_attention", "auto")
+    if impl not in ENGINE_ATTENTION:
+        raise ValueError(f"rollout.engine_attention must be one of {ENGINE_ATTENTION}, "
+                         f"got {impl!r}")
 
 
 def _eval_and_io(config, batch_devices: int) -> None:
