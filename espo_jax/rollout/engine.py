@@ -20,8 +20,9 @@ after it frees, without stalling the other rows for a whole prefill call.
 KV cache: per layer {"k", "v"} [K, KVH, S, hd] with S = P + N rounded up to the kv block
 (P: the prompt array's width; N: the largest budget) -- sized by what is in flight (K),
 never by B. On TPU (``EngineOptions.attention``) it is {"kv"} in the pages of JAX's ragged
-paged attention kernel instead, one fixed run of pages per slot (``paged_attention``). A sequence sits at positions [0, len) of its slot (no left padding:
-positions are cache indices). Attention (``kv_attention``) reads only the kv blocks below
+paged attention kernel instead, one fixed run of pages per slot (``paged_attention``). A
+sequence sits at positions [0, len) of its slot (no left padding: positions are cache
+indices). Attention (``kv_attention``) reads only the kv blocks below
 the longest live length of the rows in the call; prefill attends only over the prompt's
 own positions.
 
@@ -315,20 +316,19 @@ def engine_decode(
             at = jnp.concatenate([jnp.where(dec, ar, k), jnp.where(tvalid, tslot, k)])
             pos = jnp.concatenate([ln, tpos])
             write = writer(at, pos)
-
-            def attend(q, cc):
-                od = ragged_attention(q[:k], cc["k"], cc["v"], None, ln[:, None],
-                                      jnp.where(dec, ln + 1, 0), block=blk)
-                op = ragged_attention(q[k:], cc["k"], cc["v"], tslot, tpos[:, None],
-                                      jnp.where(tvalid, tpos + 1, 0), block=pblk)
-                return jnp.concatenate([od, op])
-
             if paged:  # sequences: the K decode rows (1 query each), then each prefilling
                 # slot's packed tokens (its last `taken` positions; 0 for the others)
                 attend = paged_attender(jnp.concatenate([ar, order]),
                                         jnp.concatenate([jnp.ones((k,), jnp.int32), taken_o]),
                                         jnp.concatenate([jnp.where(dec, ln + 1, 1),
                                                          ln[order] + taken_o]))
+            else:
+                def attend(q, cc):
+                    od = ragged_attention(q[:k], cc["k"], cc["v"], None, ln[:, None],
+                                          jnp.where(dec, ln + 1, 0), block=blk)
+                    op = ragged_attention(q[k:], cc["k"], cc["v"], tslot, tpos[:, None],
+                                          jnp.where(tvalid, tpos + 1, 0), block=pblk)
+                    return jnp.concatenate([od, op])
 
             ids = jnp.concatenate([slots["prev"], tids])[:, None]
             hidden, cache, rx = _forward(model, ids, pos[:, None], cache, write, attend)
@@ -361,15 +361,14 @@ def engine_decode(
             steps = slots["step"][safe]
 
             write = writer(jnp.where(live, idx, k), pos)  # idle rows write nowhere
-
-            def attend(q, cc):
-                return ragged_attention(q, cc["k"], cc["v"], None if size == k else safe,
-                                        pos[:, None],
-                                        jnp.where(live, pos + 1, 0), block=blk)
-
             if paged:  # one query per row; idle rows read their slot's first key
                 attend = paged_attender(safe, jnp.ones((size,), jnp.int32),
                                         jnp.where(live, pos + 1, 1))
+            else:
+                def attend(q, cc):
+                    return ragged_attention(q, cc["k"], cc["v"], None if size == k else safe,
+                                            pos[:, None], jnp.where(live, pos + 1, 0),
+                                            block=blk)
 
             hidden, cache, rx = _forward(model, slots["prev"][safe][:, None], pos[:, None],
                                          cache, write, attend)
