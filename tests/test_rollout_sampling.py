@@ -1,12 +1,15 @@
 """The per-step sampler: frequencies match the filtered, tempered softmax (chi-square),
 returned log-probs are those of that distribution, greedy is argmax."""
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from scipy import stats
 
 from espo_jax.rollout import apply_top_k, apply_top_p, process_logits, sample_step
+from espo_jax.rollout.sampling import greedy_rows
 
 V = 8
 LOGITS = np.array([2.0, 1.5, 1.2, 0.3, 0.0, -0.4, -1.0, -2.5], np.float32)
@@ -75,6 +78,32 @@ def test_greedy_is_argmax_with_untempered_logprob():
     np.testing.assert_array_equal(tok, np.argmax(logits, -1))
     ref = jax.nn.log_softmax(logits, -1)[jnp.arange(5), tok]
     np.testing.assert_allclose(logp, ref, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(v=st.integers(1, 700), block=st.sampled_from([1, 4, 256]), seed=st.integers(0, 2**16),
+       ties=st.booleans(), coarse=st.booleans())
+def test_blocked_greedy_equals_flat_argmax_float64_reference(v, block, seed, ties, coarse):
+    """greedy_rows (two-level argmax) = the first index of the maximum, and its log-prob =
+    log_softmax in float64, for any V (padded last block), ties, -inf entries, an all -inf
+    row but one finite token."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(4, v)) * 4
+    if coarse:  # many exact ties
+        x = np.round(x)
+    if ties:
+        x[0, :] = x[0].max()
+    x[1, rng.random(v) < 0.5] = -np.inf
+    x[1, rng.integers(v)] = 1.0
+    x[2, :] = -np.inf
+    x[2, -1] = 0.0
+    tok, logp = greedy_rows(jnp.asarray(x, jnp.float32), block=block)
+    x32 = x.astype(np.float32).astype(np.float64)
+    ref_tok = np.argmax(x32, -1)
+    np.testing.assert_array_equal(np.asarray(tok), ref_tok)
+    m = x32.max(-1, keepdims=True)
+    ref = (x32 - m - np.log(np.exp(x32 - m).sum(-1, keepdims=True)))[np.arange(4), ref_tok]
+    np.testing.assert_allclose(np.asarray(logp), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_filters_keep_at_least_one_token_and_match_reference():

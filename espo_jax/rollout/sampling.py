@@ -88,14 +88,35 @@ def sample_step(
     """
     logits = logits.astype(jnp.float32)
     if greedy:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logp_all = jax.nn.log_softmax(logits, axis=-1)
-    else:
-        filtered = process_logits(logits, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
-        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-        logp_all = jax.nn.log_softmax(filtered, axis=-1)
+        return greedy_rows(logits)
+    filtered = process_logits(logits, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+    tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    logp_all = jax.nn.log_softmax(filtered, axis=-1)
     logprobs = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
+
+
+def greedy_rows(logits: jax.Array, block: int = 256) -> tuple[jax.Array, jax.Array]:
+    """Argmax (the first of ties, as ``jnp.argmax``) and its log-prob under
+    ``log_softmax(logits)``: logits f32[B, V] -> (tokens i32[B], logprobs f32[B]).
+
+    Two levels, as ``_blocked_gumbel``: the maximum of each block of ``block`` tokens, the
+    first block holding the row maximum, then the first maximum inside it. On CPU a flat
+    argmax over V is one slow variadic reduction (about 1.1 ms of a 6 ms decode step at
+    16 x 32k); the blocked one costs a plain max. The log-prob of the maximum m is
+    -log(sum(exp(logits - m))), without materialising log_softmax.
+    """
+    b, v = logits.shape
+    nb = -(-v // block)
+    lb = jnp.pad(logits, ((0, 0), (0, nb * block - v)),
+                 constant_values=-jnp.inf).reshape(b, nb, block)
+    bmax = lb.max(-1)                                                      # [B, nb]
+    blk = jnp.argmax(bmax, axis=-1)
+    inner = jnp.take_along_axis(lb, blk[:, None, None], axis=1)[:, 0]      # [B, block]
+    tok = (blk * block + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
+    m = jnp.take_along_axis(bmax, blk[:, None], axis=1)                    # [B, 1]
+    logp = -jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1))
+    return tok, logp
 
 
 def token_keys(key: jax.Array, rows: jax.Array, steps: jax.Array) -> jax.Array:

@@ -15,10 +15,16 @@ tokens/s (response tokens up to the stop) of the engine with K=--ragged-k slots 
 static sampler run on consecutive batches of K prompts (each batch runs until its longest
 row ends).
 
+Decode-step breakdown (--breakdown): the per-token cost of the parts of a greedy decode
+step at B rows (the unembedding; argmax alone; argmax plus the sampler's full-vocabulary
+log-prob; a T=1 draw), each timed in a jitted loop of 200 steps, against the whole static
+decode step and HF's: what bounds the uniform ratio (HF's greedy computes no log-probs).
+
 Medians over --reps runs after one warm-up (the JAX compile).
 
     .venv/bin/python experiments/benchmarks/sampler.py            # 16 x 32 prompt, 128 new
     .venv/bin/python experiments/benchmarks/sampler.py --ragged   # 64 ragged prompts, K=16
+    .venv/bin/python experiments/benchmarks/sampler.py --breakdown  # decode step's parts
     .venv/bin/python experiments/benchmarks/sampler.py --quick    # seconds, for smoke tests
 """
 from __future__ import annotations
@@ -37,6 +43,7 @@ import transformers
 
 from espo_jax.models import from_pretrained
 from espo_jax.rollout import generate
+from espo_jax.rollout.sampling import sample_rows, token_keys
 
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              head_dim=64, intermediate_size=768, vocab_size=32000, max_position_embeddings=2048,
@@ -120,6 +127,44 @@ def ragged(model, args):
           f"with the same lengths: {(u_e / s_e) / (u_l / s_l):.2f}x")
 
 
+def breakdown(model, hf_step: float, jax_step: float, b: int, reps: int) -> None:
+    """Print ms per step of each part of a greedy decode step at b rows (see the doc)."""
+    iters = 200
+    d, v = MODEL["hidden_size"], MODEL["vocab_size"]
+    w = model.unembedding().astype(jnp.float32)
+    hidden = jax.random.normal(jax.random.key(1), (b, d))
+    rows, key = jnp.arange(b, dtype=jnp.int32), jax.random.key(2)
+
+    def unembed(h):
+        return jnp.dot(h, w, preferred_element_type=jnp.float32)
+
+    parts = {
+        "unembed [B,D]x[D,V]": lambda h, i: unembed(h)[:, 0],
+        "argmax": lambda h, i: jnp.argmax(unembed(h), -1).astype(jnp.float32),
+        "argmax + log-prob": lambda h, i: sample_rows(unembed(h), None, 1.0, greedy=True)[1],
+        "T=1 draw + log-prob": lambda h, i: sample_rows(
+            unembed(h), token_keys(key, rows, jnp.full((b,), i, jnp.int32)), 1.0)[1],
+    }
+
+    def looped(part):
+        @jax.jit
+        def run(h):  # each step depends on the last, so XLA cannot hoist or batch them
+            return jax.lax.fori_loop(0, iters, lambda i, x: x + 1e-6 * part(x, i)[:, None],
+                                     h)
+        return run
+
+    print(f"\ndecode step breakdown: B={b}, D={d}, V={v}; ms per step, median of {reps} "
+          f"loops of {iters} steps")
+    print(f"{'part':<24} {'ms/step':>8} {'of static step':>15}")
+    for name, part in parts.items():
+        run = looped(part)
+        jax.block_until_ready(run(hidden))
+        ms = timed(lambda: jax.block_until_ready(run(hidden)), reps) / iters * 1e3
+        print(f"{name:<24} {ms:>8.3f} {ms / (jax_step * 1e3):>14.0%}")
+    print(f"{'static decode step':<24} {jax_step * 1e3:>8.3f} {1:>14.0%}")
+    print(f"{'HF decode step':<24} {hf_step * 1e3:>8.3f} {hf_step / jax_step:>14.0%}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +180,8 @@ def main():
     ap.add_argument("--prefill-tokens", type=int, default=None,
                     help="the engine's packed prompt tokens per mixed step (default: its own)")
     ap.add_argument("--sampling", default="gumbel", choices=("gumbel", "inverse_cdf"))
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the decode step's parts (uniform workload)")
     args = ap.parse_args()
     if args.ragged:
         if args.quick:
@@ -198,6 +245,9 @@ def main():
         ratio = (lambda x: x / h if higher_better else h / x)  # > 1 means JAX is faster
         print(f"{label:<20} {j:>10.4g} {e:>10.4g} {h:>10.4g} {ratio(j):>9.2f}x {ratio(e):>9.2f}x")
     print(f"greedy tokens identical to HF: static {same}, engine {same_engine}")
+    if args.breakdown:
+        breakdown(model, results["hf"]["decode"] / (n - 1), results["jax"]["decode"] / (n - 1),
+                  b, args.reps)
 
 
 if __name__ == "__main__":
