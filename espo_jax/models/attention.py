@@ -27,7 +27,8 @@ Implementations (`ModelConfig.attention_impl`):
   auto       dense when the sequence fits in one block (a single block is dense anyway);
              else splash on TPU (head_dim % 128 == 0), cudnn on GPU (bf16/f16, unpacked
              rows), blockwise otherwise.
-The KV-cache path (q_offset = cache_index, T = 1 in decode) always runs `dense`.
+The KV-cache path (q_offset = cache_index, T = 1 in decode) always runs `dense`, over the
+cache's [B,K,S,hd] layout (``dense_attention(heads_major=True)``).
 """
 from __future__ import annotations
 
@@ -95,17 +96,28 @@ def allowed(q_seg, kv_seg, q_idx, kv_idx):
 
 # -- dense ------------------------------------------------------------------------------
 
-def dense_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset=0):
-    """Grouped-query attention with f32 scores [B,K,G,T,S] (no kv-head repeat)."""
+def dense_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset=0, *,
+                    heads_major: bool = False):
+    """Grouped-query attention with f32 scores [B,K,G,T,S] (no kv-head repeat). k, v are
+    [B,S,K,hd], or [B,K,S,hd] with ``heads_major`` (the KV cache's layout)."""
     b, t, h, hd = q.shape
-    s_len, kh = k.shape[1], k.shape[2]
+    s_len, kh = (k.shape[2], k.shape[1]) if heads_major else (k.shape[1], k.shape[2])
     mask = allowed(q_segment_ids, kv_segment_ids, q_offset + jnp.arange(t), jnp.arange(s_len))
     qg = q.reshape(b, t, kh, h // kh, hd)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    if heads_major:  # plain batched matmuls over (b, k): the cache is read in place
+        qk = qg.transpose(0, 2, 3, 1, 4).reshape(b, kh, -1, hd)              # [B,K,G*T,hd]
+        s = jnp.einsum("bkqd,bksd->bkqs", qk, k, preferred_element_type=jnp.float32)
+        s = s.reshape(b, kh, h // kh, t, s_len)
+    else:
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     s = s * (1.0 / math.sqrt(hd))
     s = jnp.where(mask[:, None, None, :, :], s, _MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v)
+    if heads_major:
+        o = jnp.einsum("bkqs,bksd->bkqd", p.reshape(b, kh, -1, s_len), v)
+        o = o.reshape(b, kh, h // kh, t, hd).transpose(0, 3, 1, 2, 4)       # [B,T,K,G,hd]
+    else:
+        o = jnp.einsum("bkgts,bskd->btkgd", p, v)
     return o.reshape(b, t, h, hd).astype(q.dtype)
 
 

@@ -80,7 +80,7 @@ class Decoder(nnx.Module):
         return self.lm_head[...]
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None):
-        """Zeroed KV cache: list over layers of {"k","v": [B,S,K,hd]} (S = max_len)."""
+        """Zeroed KV cache: list over layers of {"k","v": [B,K,S,hd]} (S = max_len)."""
         return cache_lib.init_cache(self.config, batch_size, max_len,
                                     _as_dtype(dtype) if dtype is not None else self.dtype)
 
@@ -135,7 +135,7 @@ class Decoder(nnx.Module):
             impl = resolve_impl(cfg.attention_impl, seq_len=t, block=cfg.attention_chunk,
                                 dtype=self.dtype, head_dim=cfg.head_dim, packed=packed)
         else:
-            s = cache[0]["k"].shape[1]
+            s = cache_lib.cache_length(cache)
             if cache_index is None:
                 raise ValueError("cache_index is required when a cache is given")
             kv = (jnp.ones((b, s), jnp.int32) if attention_mask is None

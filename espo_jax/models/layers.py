@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from espo_jax.models.attention import attend
+from espo_jax.models.attention import attend, dense_attention
 from espo_jax.models.config import ModelConfig
 from espo_jax.models.sharding import constrain_batch
 
@@ -114,19 +114,21 @@ class Attention(nnx.Module):
                  kv_segment_ids=None, impl="dense"):
         """x [B,T,D]; positions, segment_ids i32[B,T]; impl: a resolved (non-auto) name.
 
-        cache: {"k","v"} [B,S,K,hd] or None; with a cache, queries sit at slots
+        cache: {"k","v"} [B,K,S,hd] or None; with a cache, queries sit at slots
         cache_index + [0, T) and kv_segment_ids i32[B,S] says which slots are real.
         Returns (y, cache).
         """
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x, positions, inv_freq)
         if cache is not None:
-            idx = (0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
-            cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
+            idx = (0, 0, cache_index, 0)  # the new [B,T,K,hd] keys go in as [B,K,T,hd]
+            ck = jax.lax.dynamic_update_slice(
+                cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), idx)
+            cv = jax.lax.dynamic_update_slice(
+                cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), idx)
             cache = {"k": ck, "v": cv}
-            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-            o = attend(q, k, v, segment_ids, kv_segment_ids, impl="dense", q_offset=cache_index)
+            o = dense_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), segment_ids,
+                                kv_segment_ids, q_offset=cache_index, heads_major=True)
         else:
             o = attend(q, k, v, segment_ids, segment_ids, impl=impl, block=self.attention_chunk)
         return self.o_proj(o.reshape(b, t, -1)), cache
