@@ -16,9 +16,10 @@ static sampler run on consecutive batches of K prompts (each batch runs until it
 row ends).
 
 Decode-step breakdown (--breakdown): the per-token cost of the parts of a greedy decode
-step at B rows (the unembedding; argmax alone; argmax plus the sampler's full-vocabulary
-log-prob; a T=1 draw), each timed in a jitted loop of 200 steps, against the whole static
-decode step and HF's: what bounds the uniform ratio (HF's greedy computes no log-probs).
+step at B rows (the unembedding, then the unembedding plus: a flat argmax; the sampler's
+greedy token and log-prob; a T=1 draw), each timed in a jitted loop of 200 steps, against
+the whole static decode step and HF's: what bounds the uniform ratio (HF's greedy computes
+no log-probs).
 
 Medians over --reps runs after one warm-up (the JAX compile).
 
@@ -140,9 +141,9 @@ def breakdown(model, hf_step: float, jax_step: float, b: int, reps: int) -> None
 
     parts = {
         "unembed [B,D]x[D,V]": lambda h, i: unembed(h)[:, 0],
-        "argmax": lambda h, i: jnp.argmax(unembed(h), -1).astype(jnp.float32),
-        "argmax + log-prob": lambda h, i: sample_rows(unembed(h), None, 1.0, greedy=True)[1],
-        "T=1 draw + log-prob": lambda h, i: sample_rows(
+        "+ flat jnp.argmax": lambda h, i: jnp.argmax(unembed(h), -1).astype(jnp.float32),
+        "+ greedy + log-prob": lambda h, i: sample_rows(unembed(h), None, 1.0, greedy=True)[1],
+        "+ T=1 draw + log-prob": lambda h, i: sample_rows(
             unembed(h), token_keys(key, rows, jnp.full((b,), i, jnp.int32)), 1.0)[1],
     }
 
