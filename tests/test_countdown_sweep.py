@@ -190,3 +190,18 @@ def test_report_only_on_fake_runs(tmp_path):
     with pytest.raises(SystemExit, match="unknown"):
         S.main(["--report_only", "--config", str(DEFAULT), "--arms", "ppo",
                 "--archive", str(archive)])
+
+
+def test_committed_archive_belongs_to_the_queue(tmp_path):
+    """Every archived Countdown run is a run of today's queue (same config hash and seed),
+    so a resumed sweep restores it instead of running it again. A config edit that changes
+    what the runs resolve to orphans them: then this fails, on purpose (delete the archive
+    if the change is meant to invalidate them, or list a new key in specs.ADDED_KEYS)."""
+    archive = S.DEFAULT_OUT / "runs"
+    done = sorted(p.parent.relative_to(archive) for p in archive.glob("*/seed*/done.json"))
+    if not done:
+        pytest.skip("no archived Countdown runs")
+    runs = S.queue(S.seed_plan(), runs_dir=tmp_path, config=S.DEFAULT_CONFIG)
+    queued = {r.workdir.relative_to(tmp_path) for r in runs}
+    orphans = [str(d) for d in done if d not in queued]
+    assert not orphans, f"archived runs no longer in the sweep's queue: {orphans}"

@@ -48,6 +48,10 @@ def _slug(s: str) -> str:
 
 # Keys that do not change what a run computes (logging, checkpoint cadence, dumps, set-up).
 NEUTRAL_KEYS = ("log", "checkpoint", "dump", "distributed", "mesh")
+# Keys added to the configs after runs were archived, with the value that reproduces the
+# behaviour from before they existed: at that value they are left out of the hash, so adding
+# them does not orphan the archived runs (the sweeps would otherwise rerun everything).
+ADDED_KEYS = {"rollout.engine_attention": "auto"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,6 +75,13 @@ def config_hash(config: pathlib.Path, arg: str = "",
         node[last] = val
     for k in NEUTRAL_KEYS:
         cfg.pop(k, None)
+    for key, old in ADDED_KEYS.items():
+        *path, last = key.split(".")
+        node = cfg
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(last, old) == old:
+            node.pop(last, None)
     h = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode())
     model = pathlib.Path(str(cfg.get("model", {}).get("path", "")))
     if model.is_dir():
