@@ -201,12 +201,6 @@ def test_committed_archive_belongs_to_the_queue(tmp_path):
     done = sorted(p.parent.relative_to(archive) for p in archive.glob("*/seed*/done.json"))
     if not done:
         pytest.skip("no archived Countdown runs")
-    # Run hashes include the checkpoint's absolute path (a known limitation: the archive
-    # resumes only in a checkout at the path it was made in), so check it there only.
-    made_at = json.loads((archive / done[0] / "config.json").read_text())["model"]["path"]
-    here = str(REPO / "espo_jax" / "assets" / "countdown")
-    if made_at != here:
-        pytest.skip(f"archive made in a checkout at {made_at}, this one is {here}")
     runs = S.queue(S.seed_plan(), runs_dir=tmp_path, config=S.DEFAULT_CONFIG)
     queued = {r.workdir.relative_to(tmp_path) for r in runs}
     orphans = [str(d) for d in done if d not in queued]

@@ -73,6 +73,35 @@ def test_run_specs_and_shared_slugs(tmp_path):
         ablations.variants(["beta"])
 
 
+def test_run_hash_does_not_depend_on_the_checkout_path(tmp_path, monkeypatch):
+    """The configs point at checkpoints inside the repository by absolute path; a run's hash
+    (and so its archived directory) must be the same wherever the repository is cloned, or a
+    committed archive is orphaned in every other checkout."""
+    hashes = []
+    for name in ("a", "b"):
+        repo = tmp_path / name
+        (repo / "configs").mkdir(parents=True)
+        (repo / "ckpt").mkdir()
+        (repo / "ckpt" / "config.json").write_text("{}")
+        cfg = repo / "configs" / "c.py"
+        cfg.write_text("import os, ml_collections\n"
+                       "def get_config(arg=None):\n"
+                       "    c = ml_collections.ConfigDict()\n"
+                       "    c.model = dict(path=os.path.join(os.path.dirname(os.path.dirname(\n"
+                       "        os.path.abspath(__file__))), 'ckpt'), extra=['x'])\n"
+                       "    c.lr = 1e-3\n"
+                       "    return c\n")
+        monkeypatch.setattr(specs, "REPO", repo)
+        hashes.append(specs.config_hash(cfg, "", ()))
+        # Still sensitive to what the config resolves to.
+        hashes.append(specs.config_hash(cfg, "", (("lr", "2e-3"),)))
+    assert hashes[0] == hashes[2] and hashes[1] == hashes[3] and hashes[0] != hashes[1]
+    # ... and to a path outside the repository.
+    monkeypatch.setattr(specs, "REPO", tmp_path / "elsewhere")
+    specs.config_hash.cache_clear()
+    assert specs.config_hash(tmp_path / "a" / "configs" / "c.py", "", ()) != hashes[0]
+
+
 def test_resume_skips_finished_and_locks(tmp_path):
     run = specs.make_runs(compare_objectives.variants(["espo"]), [0], runs_dir=tmp_path)[0]
     assert not runner.is_finished(run)

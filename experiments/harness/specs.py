@@ -54,13 +54,26 @@ NEUTRAL_KEYS = ("log", "checkpoint", "dump", "distributed", "mesh")
 ADDED_KEYS = {"rollout.engine_attention": "auto"}
 
 
+def _repo_relative(node: Any) -> Any:
+    """``node`` with every path inside the repository (the configs' checkpoint directories are
+    absolute) written relative to it, so a run's hash is the same in any checkout."""
+    if isinstance(node, dict):
+        return {k: _repo_relative(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_repo_relative(v) for v in node]
+    if isinstance(node, str) and node.startswith(str(REPO) + "/"):
+        return "<repo>/" + node[len(str(REPO)) + 1:]
+    return node
+
+
 @functools.lru_cache(maxsize=None)
 def config_hash(config: pathlib.Path, arg: str = "",
                 overrides: tuple[tuple[str, str], ...] = ()) -> str:
     """Short hash of what ``config:arg`` with ``overrides`` resolves to (``get_config(arg)``,
     overridden keys set to their text, minus NEUTRAL_KEYS) and of the policy weights it
     points at. An edited config or a new checkpoint gives new run directories; comment,
-    cadence or overridden-key edits do not invalidate finished runs."""
+    cadence or overridden-key edits do not invalidate finished runs, and neither does moving
+    the checkout (paths inside it are hashed relative to it)."""
     import importlib.util  # noqa: PLC0415
 
     spec = importlib.util.spec_from_file_location(f"_cfg_{abs(hash(str(config)))}", config)
@@ -82,7 +95,7 @@ def config_hash(config: pathlib.Path, arg: str = "",
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and node.get(last, old) == old:
             node.pop(last, None)
-    h = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h = hashlib.sha1(json.dumps(_repo_relative(cfg), sort_keys=True, default=str).encode())
     model = pathlib.Path(str(cfg.get("model", {}).get("path", "")))
     if model.is_dir():
         for f in sorted(model.glob("*.safetensors")) + [model / "config.json"]:
