@@ -23,8 +23,9 @@ never by B. On TPU (``EngineOptions.attention``) it is {"kv"} in the pages of JA
 paged attention kernel instead, one fixed run of pages per slot (``paged_attention``). A
 sequence sits at positions [0, len) of its slot (no left padding: positions are cache
 indices). Attention (``kv_attention``) reads only the kv blocks below
-the longest live length of the rows in the call; prefill attends only over the prompt's
-own positions.
+the longest live length of the rows in the call (a decode step reads a cache of at most
+``kv_attention.DECODE_READ`` positions whole, in place: cheaper on CPU than copying
+blocks); prefill attends only over the prompt's own positions.
 
 Drain: once fewer than K slots are busy, the decode step gathers the busy slots into the
 smallest of ``decode_sizes`` that holds them (one inner loop per static size), so the
@@ -53,7 +54,7 @@ from flax import nnx
 
 from espo_jax.models.layers import rope_inv_freq
 from espo_jax.rollout import paged_attention as paged_lib
-from espo_jax.rollout.kv_attention import ragged_attention
+from espo_jax.rollout.kv_attention import ragged_attention, ragged_decode_attention
 from espo_jax.rollout.sampling import sample_rows
 
 
@@ -324,8 +325,8 @@ def engine_decode(
                                                          ln[order] + taken_o]))
             else:
                 def attend(q, cc):
-                    od = ragged_attention(q[:k], cc["k"], cc["v"], None, ln[:, None],
-                                          jnp.where(dec, ln + 1, 0), block=blk)
+                    od = ragged_decode_attention(q[:k], cc["k"], cc["v"], None,
+                                                 jnp.where(dec, ln + 1, 0), block=blk)
                     op = ragged_attention(q[k:], cc["k"], cc["v"], tslot, tpos[:, None],
                                           jnp.where(tvalid, tpos + 1, 0), block=pblk)
                     return jnp.concatenate([od, op])
@@ -366,9 +367,9 @@ def engine_decode(
                                         jnp.where(live, pos + 1, 1))
             else:
                 def attend(q, cc):
-                    return ragged_attention(q, cc["k"], cc["v"], None if size == k else safe,
-                                            pos[:, None], jnp.where(live, pos + 1, 0),
-                                            block=blk)
+                    return ragged_decode_attention(q, cc["k"], cc["v"],
+                                                   None if size == k else safe,
+                                                   jnp.where(live, pos + 1, 0), block=blk)
 
             hidden, cache, rx = _forward(model, slots["prev"][safe][:, None], pos[:, None],
                                          cache, write, attend)

@@ -73,3 +73,82 @@ def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
     _, den, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     out = acc / jnp.maximum(den, 1e-30)[..., None]                           # [M,KVH,G,T,hd]
     return out.transpose(0, 3, 1, 2, 4).reshape(m, t, h, hd).astype(q.dtype)
+
+
+# A decode call reads a cache of at most this many positions whole, in place, whatever the
+# live lengths; a longer one block by block up to the longest live row. (On XLA:CPU each
+# ``dynamic_slice``d block is a copy that costs more than the attention on it: up to about
+# 2k positions, reading everything in place is faster than copying the live blocks
+# unless they are under a third of the cache.)
+DECODE_READ = 2048
+
+
+def ragged_decode_attention(q, k_cache, v_cache, slots, kv_len, *, block: int,
+                            read: int = DECODE_READ):
+    """One new query per row over its slot's first kv_len[m] keys: a decode step.
+
+    q [M, 1, H, hd]; k_cache, v_cache [K, KVH, S, hd]; slots i32[M] or None (row m is
+    slot m); kv_len i32[M] (>= 1 for a real row; 0 gives a zero row the caller drops).
+    Returns [M, 1, H, hd] in q.dtype: ``ragged_attention`` with q_pos = kv_len - 1, up to
+    float rounding.
+
+    A cache of S <= ``read`` positions is read whole, in place (one window); a longer one
+    in windows of one block, stopping after the block holding max(kv_len): O(live
+    tokens), as ``ragged_attention`` (each block a copy on CPU). Inside a window
+    every block of ``block`` keys is one batched dot with its own max, exp-sum and
+    weighted values; the blocks are summed in order, rescaled to the window's max, and the
+    windows combined online (flash-style). A block past a row's length adds exactly zero,
+    so a row's result depends neither on which rows share its call nor on how many
+    windows the call reads: the same tokens for every max_concurrent.
+    """
+    m, _, h, hd = q.shape
+    kvh, s = k_cache.shape[1], k_cache.shape[2]
+    if s % block:
+        raise ValueError(f"cache length {s} must be a multiple of the kv block {block}")
+    g = h // kvh
+    win = s if s <= read else block
+    nb, n_win = win // block, s // win
+    qg = q.reshape(m, kvh, g, hd)
+    scale = 1.0 / math.sqrt(hd)
+
+    def window(w, carry):
+        mx_run, den, acc = carry
+        s0 = w * win
+        kc = jax.lax.dynamic_slice_in_dim(k_cache, s0, win, axis=2)
+        vc = jax.lax.dynamic_slice_in_dim(v_cache, s0, win, axis=2)
+        if slots is not None:
+            kc = jnp.take(kc, slots, axis=0, mode="clip")
+            vc = jnp.take(vc, slots, axis=0, mode="clip")
+        # [M, KVH, nb, G, block]: the blocks are a batch dim of both dots (XLA:CPU runs a
+        # block-minor layout several times slower).
+        kc = kc.reshape(m, kvh, nb, block, hd).astype(q.dtype)
+        vc = vc.reshape(m, kvh, nb, block, hd).astype(q.dtype)
+        sc = jnp.einsum("mkgd,mknsd->mkngs", qg, kc, preferred_element_type=jnp.float32)
+        pos = s0 + jnp.arange(win)
+        ok = (pos[None] < kv_len[:, None]).reshape(m, 1, nb, 1, block)
+        sc = jnp.where(ok, sc * scale, _NEG)
+        mx = sc.max(-1)                                                      # [M,KVH,nb,G]
+        p = jnp.where(ok, jnp.exp(sc - mx[..., None]), 0.0)
+        mx_w = mx.max(2)                                                     # [M,KVH,G]
+        wgt = jnp.exp(mx - mx_w[:, :, None])  # exactly 0 for a block past the end
+        den_b = p.sum(-1) * wgt
+        pv = jnp.einsum("mkngs,mknsd->mkngd", p.astype(vc.dtype), vc,
+                        preferred_element_type=jnp.float32) * wgt[..., None]
+
+        def add(i, c):  # in block order: the sum does not depend on the blocks after
+            return c[0] + den_b[:, :, i], c[1] + pv[:, :, i]
+        den_w, acc_w = jax.lax.fori_loop(0, nb, add, (jnp.zeros_like(mx_w),
+                                                      jnp.zeros(mx_w.shape + (hd,))))
+        mx_new = jnp.maximum(mx_run, mx_w)
+        a, b = jnp.exp(mx_run - mx_new), jnp.exp(mx_w - mx_new)
+        return mx_new, den * a + den_w * b, acc * a[..., None] + acc_w * b[..., None]
+
+    init = (jnp.full((m, kvh, g), _NEG, jnp.float32), jnp.zeros((m, kvh, g), jnp.float32),
+            jnp.zeros((m, kvh, g, hd), jnp.float32))
+    if n_win == 1:
+        _, den, acc = window(0, init)
+    else:
+        live = jnp.clip((jnp.max(kv_len) + win - 1) // win, 1, n_win)
+        _, den, acc = jax.lax.fori_loop(0, live, window, init)
+    out = acc / jnp.maximum(den, 1e-30)[..., None]
+    return out.reshape(m, 1, h, hd).astype(q.dtype)
