@@ -23,6 +23,17 @@ import jax.numpy as jnp
 _NEG = -1e30
 
 
+def _read(k_cache, v_cache, start, size, slots):
+    """Positions [start, start + size) of the cache: [M, KVH, size, hd] keys and values of
+    slots[m] (or of every slot when slots is None)."""
+    kb = jax.lax.dynamic_slice_in_dim(k_cache, start, size, axis=2)
+    vb = jax.lax.dynamic_slice_in_dim(v_cache, start, size, axis=2)
+    if slots is not None:
+        kb = jnp.take(kb, slots, axis=0, mode="clip")
+        vb = jnp.take(vb, slots, axis=0, mode="clip")
+    return kb, vb
+
+
 def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
     """Causal attention of new queries over their slots' cached keys / values.
 
@@ -45,11 +56,7 @@ def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
     def body(b, carry):
         mx, den, acc = carry
         start = b * block
-        kb = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=2)
-        vb = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=2)
-        if slots is not None:
-            kb = jnp.take(kb, slots, axis=0, mode="clip")                    # [M,KVH,blk,hd]
-            vb = jnp.take(vb, slots, axis=0, mode="clip")
+        kb, vb = _read(k_cache, v_cache, start, block, slots)               # [M,KVH,blk,hd]
         kb, vb = kb.astype(q.dtype), vb.astype(q.dtype)
         sc = jnp.einsum("mtkgd,mksd->mkgts", qg, kb, preferred_element_type=jnp.float32)
         sc = sc * scale
@@ -114,11 +121,7 @@ def ragged_decode_attention(q, k_cache, v_cache, slots, kv_len, *, block: int,
     def window(w, carry):
         mx_run, den, acc = carry
         s0 = w * win
-        kc = jax.lax.dynamic_slice_in_dim(k_cache, s0, win, axis=2)
-        vc = jax.lax.dynamic_slice_in_dim(v_cache, s0, win, axis=2)
-        if slots is not None:
-            kc = jnp.take(kc, slots, axis=0, mode="clip")
-            vc = jnp.take(vc, slots, axis=0, mode="clip")
+        kc, vc = _read(k_cache, v_cache, s0, win, slots)
         # [M, KVH, nb, G, block]: the blocks are a batch dim of both dots (XLA:CPU runs a
         # block-minor layout several times slower).
         kc = kc.reshape(m, kvh, nb, block, hd).astype(q.dtype)
