@@ -5,7 +5,11 @@ queue (K > B), one prompt, chunked prefill and multi-block ragged attention.
 
 Small prefill chunks and kv blocks (8) make the 17-token prompt take 3 prefill chunks and
 the attention loop run over several blocks. Each (B, K, sampling flags) is one compile.
+Decode steps read these small caches whole (``EngineOptions.decode_read``); one test reads
+them block by block instead, as a long cache is.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +86,25 @@ def test_sampled_responses_identical_for_every_k(sampled):
         np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
         np.testing.assert_array_equal(np.asarray(got.lengths), lengths)
         np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(ref.mask))
+        np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_block_by_block_decode_same_responses(models, sampled, monkeypatch):
+    """Decode attention over a cache longer than ``decode_read`` (the paper's 16k): one
+    block per loop iteration, stopping at the longest live row. Same tokens for K = 3 and
+    16 as the static batch (every drain size and mixed step runs it)."""
+    _, model, _ = models
+    jit = engine.engine_jit
+    monkeypatch.setattr(engine, "engine_jit", lambda graphdef, options, *args: jit(
+        graphdef, dataclasses.replace(options, decode_read=options.kv_block), *args))
+    kw = dict(max_new_tokens=N, temperature=0.7, key=jax.random.key(3), eos_id=[1, 2, 3],
+              num_samples=3)
+    ref = sampled[None]
+    for k in (3, 16):
+        got = generate(model, PROMPTS, max_concurrent=k, **SMALL, **kw)
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+        np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(ref.lengths))
         np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs),
                                    rtol=1e-5, atol=1e-5)
 

@@ -54,7 +54,8 @@ from flax import nnx
 
 from espo_jax.models.layers import rope_inv_freq
 from espo_jax.rollout import paged_attention as paged_lib
-from espo_jax.rollout.kv_attention import ragged_attention, ragged_decode_attention
+from espo_jax.rollout.kv_attention import (DECODE_READ, ragged_attention,
+                                            ragged_decode_attention)
 from espo_jax.rollout.sampling import sample_rows
 
 
@@ -75,7 +76,9 @@ class EngineOptions:
     "xla" (``kv_attention``), "ragged_paged" (the TPU Pallas kernel) or "ragged_paged_xla"
     (its contract in XLA) (``paged_attention``; resolve "auto" with
     ``paged_attention.resolve_attention`` first); page_size: positions per page of the
-    paged layouts (``paged_attention.page_size_for`` fits it to kv_block).
+    paged layouts (``paged_attention.page_size_for`` fits it to kv_block); decode_read:
+    the XLA layout's decode steps read a cache of at most this many positions whole, in
+    place, a longer one block by block (``kv_attention.ragged_decode_attention``).
     """
     max_new_tokens: int
     max_concurrent: int
@@ -92,6 +95,7 @@ class EngineOptions:
     routed_width: int = 0
     attention: str = "xla"
     page_size: int = paged_lib.DEFAULT_PAGE_SIZE
+    decode_read: int = DECODE_READ
 
 
 # Prompt tokens a mixed step carries along with the K decode rows (see the module doc).
@@ -326,7 +330,8 @@ def engine_decode(
             else:
                 def attend(q, cc):
                     od = ragged_decode_attention(q[:k], cc["k"], cc["v"], None,
-                                                 jnp.where(dec, ln + 1, 0), block=blk)
+                                                 jnp.where(dec, ln + 1, 0), block=blk,
+                                                 read=o.decode_read)
                     op = ragged_attention(q[k:], cc["k"], cc["v"], tslot, tpos[:, None],
                                           jnp.where(tvalid, tpos + 1, 0), block=pblk)
                     return jnp.concatenate([od, op])
@@ -369,7 +374,8 @@ def engine_decode(
                 def attend(q, cc):
                     return ragged_decode_attention(q, cc["k"], cc["v"],
                                                    None if size == k else safe,
-                                                   jnp.where(live, pos + 1, 0), block=blk)
+                                                   jnp.where(live, pos + 1, 0), block=blk,
+                                                   read=o.decode_read)
 
             hidden, cache, rx = _forward(model, slots["prev"][safe][:, None], pos[:, None],
                                          cache, write, attend)
