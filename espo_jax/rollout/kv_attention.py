@@ -5,7 +5,9 @@ position j (no left padding, so RoPE positions are cache indices). A query reads
 the kv blocks below the longest live length of the rows in its call: the loop over
 blocks of ``block`` positions stops at ``ceil(max(kv_len) / block)``, so a step costs
 O(live tokens), not O(S); within a block, positions past a row's own length are masked.
-Online (flash-style) softmax across blocks in float32.
+Online (flash-style) softmax across blocks in float32. ``ragged_attention`` serves any
+number of queries per row (the packed prefill); ``ragged_decode_attention`` one query per
+row (the decode steps), reading a short cache whole, in place (``DECODE_READ``).
 
 Shapes: M query rows, T queries per row, H query heads, KVH kv heads (H = KVH * G),
 hd head dim, K cache slots, S cache positions (a multiple of ``block``). The cache is
