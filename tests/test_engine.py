@@ -155,9 +155,9 @@ def test_engine_bad_input(models):
 
 
 def test_drain_sizes():
-    assert engine.default_decode_sizes(16) == (16, 8, 4, 2, 1)
-    assert engine.default_decode_sizes(12) == (12, 6, 3, 2, 1)
-    assert engine.default_decode_sizes(8) == (8, 4, 2, 1)
+    assert engine.default_decode_sizes(16) == (16, 8, 4, 2)
+    assert engine.default_decode_sizes(12) == (12, 6, 3, 2)
+    assert engine.default_decode_sizes(8) == (8, 4, 2)
     assert engine.default_decode_sizes(4) == (4,)
     assert engine.default_decode_sizes(3) == (3,)
     assert engine.default_decode_sizes(1) == (1,)
@@ -225,8 +225,11 @@ def test_sharded_decode_weights_same_tokens(models, sampled):
 
 def test_bf16_engine_same_tokens_for_every_k_and_logprobs_near_f32(models, sampled):
     """The paper's precision: a bf16-compute model (f32 masters, ``decode_model``'s bf16
-    copy, bf16 KV cache). The engine gives the same responses for K = 1 and 3 (per-row
-    keys; a row's arithmetic does not depend on its slot or its neighbours). The static
+    copy, bf16 KV cache). The engine gives the same responses for K = 1, 3, 16 and with
+    3-token mixed steps (per-row keys; a row's arithmetic does not depend on its slot,
+    its neighbours or the step it is prefilled in: one prefill key block for every step
+    size, two rows at least per forward), log-probs equal to f32 rounding (a prefill block
+    that followed the step size put them up to 0.03 apart). The static
     batch computes attention differently (left-padded dense), so in bf16 its rounding can
     flip a near-tied draw: most rows agree, not all. The engine's log-probs of its bf16
     tokens, scored teacher-forced by the f32 model, agree to bf16 precision."""
@@ -236,12 +239,14 @@ def test_bf16_engine_same_tokens_for_every_k_and_logprobs_near_f32(models, sampl
     dec = decode_model(from_pretrained(path, dtype=jnp.bfloat16))
     kw = dict(max_new_tokens=N, temperature=0.7, key=jax.random.key(3), eos_id=[1, 2, 3],
               num_samples=3, **SMALL)
-    ros = {k: generate(dec, PROMPTS, max_concurrent=k, **kw) for k in (None, 1, 3)}
-    ref, one = ros[3], ros[1]
-    np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(ref.tokens))
-    np.testing.assert_array_equal(np.asarray(one.lengths), np.asarray(ref.lengths))
-    np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(ref.logprobs),
-                               rtol=1e-5, atol=1e-5)
+    ros = {k: generate(dec, PROMPTS, max_concurrent=k, **kw) for k in (None, 1, 3, 16)}
+    ros["8p3"] = generate(dec, PROMPTS, max_concurrent=8, prefill_tokens=3, **kw)
+    ref = ros[3]
+    for k in (1, 16, "8p3"):
+        np.testing.assert_array_equal(np.asarray(ros[k].tokens), np.asarray(ref.tokens))
+        np.testing.assert_array_equal(np.asarray(ros[k].lengths), np.asarray(ref.lengths))
+        np.testing.assert_allclose(np.asarray(ros[k].logprobs), np.asarray(ref.logprobs),
+                                   rtol=1e-5, atol=1e-5)
     rows_same = lambda a, b: (np.asarray(a.tokens) == np.asarray(b.tokens)).all(axis=1)
     assert rows_same(ros[None], ref).mean() >= 0.75
     assert rows_same(sampled[3], ref).mean() >= 0.5  # bf16 follows the f32 rollout

@@ -33,7 +33,10 @@ long tail of a ragged rollout runs on a small batch instead of K mostly-empty ro
 
 Randomness: token t of row i is drawn with ``fold_in(fold_in(key, i), t)``
 (``sampling.token_keys``), whatever slot or step it runs in, so the responses do not
-depend on K (nor on the static sampler vs this engine).
+depend on K (nor on the static sampler vs this engine). Nor does a row's arithmetic,
+beyond the backend's own shape-dependent kernels: a prompt token's attention sums its
+keys in blocks of one size (``PREFILL_BLOCK``) whichever step packs it, and no forward
+runs a lone row (``MIN_ROWS``).
 
 The decode forward reuses the model's own modules (projections, norms, MLP or routed
 experts, RoPE) and weights; only the attention and cache layout are the engine's. For an
@@ -100,16 +103,28 @@ class EngineOptions:
 
 # Prompt tokens a mixed step carries along with the K decode rows (see the module doc).
 DEFAULT_PREFILL_TOKENS = 32
+# Key positions per block of the packed prefill's attention (``kv_attention.
+# ragged_attention``; capped to divide the kv block). One size for every mixed step, so a
+# prompt token's attention sums its keys in the same blocks whichever step, K or packing
+# it lands in (the block size changes the rounding: in bf16 by up to 0.03 in a log-prob).
+# Short, because each packed token gathers its slot's blocks up to the step's longest
+# prompt: a [T, KVH, block, hd] copy per block.
+PREFILL_BLOCK = 32
+# Rows of the smallest forward: a decode step of one busy slot runs as two rows (one idle).
+# XLA's one-row dot (a matrix-vector product) rounds differently from the same row among
+# others, so a lone row would get other log-probs (and, rarely, tokens) than with K > 1.
+MIN_ROWS = 2
 
 
 def default_decode_sizes(k: int) -> tuple:
-    """(K, K/2, K/4, ..., 1) (halving, rounded up) for K >= 8, else (K,): drain sizes
+    """(K, K/2, K/4, ..., 2) (halving, rounded up) for K >= 8, else (K,): drain sizes
     where they pay (each size is one more compiled decode step; a step costs a fixed
-    weight read plus a per-row part, so a drain of m rows runs on at most 2m)."""
+    weight read plus a per-row part, so a drain of m rows runs on at most 2m). No size 1:
+    a step has at least ``MIN_ROWS`` rows."""
     if k < 8:
         return (k,)
     sizes = [k]
-    while sizes[-1] > 1:
+    while sizes[-1] > MIN_ROWS:
         sizes.append(-(-sizes[-1] // 2))
     return tuple(sizes)
 
@@ -167,6 +182,8 @@ def _unembed(model, w, hidden):
     (the scoring pass's precision, ``espo_jax.ops.logprobs``)."""
     dt = jnp.dtype(model.dtype)
     prec = jax.lax.Precision.HIGHEST if dt == jnp.float32 else jax.lax.Precision.DEFAULT
+    if hidden.shape[0] == 1:  # a lone row goes in a pair: see MIN_ROWS
+        return _unembed(model, w, jnp.concatenate([hidden, hidden]))[:1]
     return jnp.dot(hidden.astype(dt), w, preferred_element_type=jnp.float32, precision=prec)
 
 
@@ -286,7 +303,7 @@ def engine_decode(
         the prefilling slots' remaining prompt tokens, earliest row first, fill the tp
         token budget, each with its own slot and position. A slot whose prompt ends in
         this step samples its first token; decoding slots sample their next one."""
-        pblk = math.gcd(blk, tp)  # prefill keys: short blocks (divides the cache length)
+        pblk = math.gcd(blk, PREFILL_BLOCK)  # divides the cache length
 
         def step(carry):
             slots, out, nxt, cache = carry
@@ -356,11 +373,14 @@ def engine_decode(
         return step
 
     def decode_with(i, size):
+        rows_in = max(size, MIN_ROWS)
+        every_slot = rows_in == size == k  # row m is slot m: no gather
+
         def step(carry):
             slots, out, nxt, cache = carry
             busy = slots["phase"] == 2
-            idx = (jnp.arange(k, dtype=jnp.int32) if size == k
-                   else jnp.nonzero(busy, size=size, fill_value=k)[0].astype(jnp.int32))
+            idx = (jnp.arange(k, dtype=jnp.int32) if every_slot
+                   else jnp.nonzero(busy, size=rows_in, fill_value=k)[0].astype(jnp.int32))
             safe = jnp.clip(idx, 0, k - 1)
             live = (idx < k) & busy[safe]
             rows, pos = slots["row"][safe], slots["len"][safe]
@@ -368,12 +388,12 @@ def engine_decode(
 
             write = writer(jnp.where(live, idx, k), pos)  # idle rows write nowhere
             if paged:  # one query per row; idle rows read their slot's first key
-                attend = paged_attender(safe, jnp.ones((size,), jnp.int32),
+                attend = paged_attender(safe, jnp.ones((rows_in,), jnp.int32),
                                         jnp.where(live, pos + 1, 1))
             else:
                 def attend(q, cc):
                     return ragged_decode_attention(q, cc["k"], cc["v"],
-                                                   None if size == k else safe,
+                                                   None if every_slot else safe,
                                                    jnp.where(live, pos + 1, 0), block=blk,
                                                    read=o.decode_read)
 

@@ -13,7 +13,9 @@ stop set of V/40 token ids, so on the near-uniform random model a response ends 
 probability ~1/40 per token: geometric lengths, mean ~40, capped at --ragged-cap. Useful
 tokens/s (response tokens up to the stop) of the engine with K=--ragged-k slots vs the
 static sampler run on consecutive batches of K prompts (each batch runs until its longest
-row ends).
+row ends). Also the forward steps each ran, and the fewest any K-slot continuous batching
+needs for the same lengths (``fifo_steps``): a step reads every weight whatever its row
+count, so where that read dominates (this CPU) the step counts bound the ratio.
 
 Decode-step breakdown (--breakdown): the per-token cost of the parts of a greedy decode
 step at B rows (the unembedding, then the unembedding plus: a flat argmax; the sampler's
@@ -43,6 +45,7 @@ import torch
 import transformers
 
 from espo_jax.models import from_pretrained
+from espo_jax.rollout import engine as engine_lib
 from espo_jax.rollout import generate
 from espo_jax.rollout.sampling import sample_rows, token_keys
 
@@ -71,6 +74,18 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def fifo_steps(lengths, k: int) -> int:
+    """Fewest forward steps of continuous batching with k slots for responses of these
+    lengths, prompts started in order: a slot runs a prompt for its length in steps (the
+    step that ends its prefill draws token 1) and takes the next prompt the step after;
+    prefill costs no extra step. The engine's floor at these lengths."""
+    free = [0] * k  # the step at which each slot is next free
+    for n in lengths:
+        j = min(range(k), key=free.__getitem__)
+        free[j] += int(n)
+    return max(free)
+
+
 def ragged(model, args):
     """Continuous batching (K slots) vs static batches of K prompts; useful tokens/s."""
     v = MODEL["vocab_size"]
@@ -82,9 +97,17 @@ def ragged(model, args):
     kw = dict(max_new_tokens=cap, temperature=1.0, key=jax.random.key(0), eos_id=stops,
               sampling=args.sampling)
 
+    stats = {}
+
+    def engine_fn(*a):  # the engine's step counts ride along (its 4th output)
+        out = engine_lib.engine_jit(*a)
+        stats["steps"], stats["sizes"] = out[3], a[1].decode_sizes
+        return out
+
     def engine():
         return [jax.block_until_ready(generate(model, prompts, max_concurrent=k,
-                                               prefill_tokens=args.prefill_tokens, **kw))]
+                                               prefill_tokens=args.prefill_tokens,
+                                               engine_fn=engine_fn, **kw))]
 
     def static():
         return [jax.block_until_ready(generate(model, prompts[i:i + k], **kw))
@@ -126,6 +149,17 @@ def ragged(model, args):
     (s_e, u_e, _), (s_s, u_s, _), (s_l, u_l, _) = rows.values()
     print(f"continuous / static useful tokens/s: {(u_e / s_e) / (u_s / s_s):.2f}x; "
           f"with the same lengths: {(u_e / s_e) / (u_l / s_l):.2f}x")
+    # Forward steps: a decode step reads every weight whatever its rows, so on a
+    # weight-read-bound machine the step counts bound the ratio.
+    steps = np.asarray(stats["steps"]).tolist()
+    n = same["n"]
+    static_steps = sum(max(n[i:i + k]) for i in range(0, len(n), k))
+    floor = fifo_steps(n, k)
+    by_size = ", ".join(f"{c} at {z} rows" for z, c in zip(stats["sizes"], steps[1:]))
+    print(f"forward steps at the same lengths: static {static_steps}; continuous "
+          f"{sum(steps)} ({steps[0]} mixed prefill + decode of {k} rows, {by_size}); "
+          f"fewest possible with {k} slots {floor}: static / that = "
+          f"{static_steps / floor:.2f}x")
 
 
 def breakdown(model, hf_step: float, jax_step: float, b: int, reps: int) -> None:
