@@ -15,7 +15,7 @@ tokens/s (response tokens up to the stop) of the engine with K=--ragged-k slots 
 static sampler run on consecutive batches of K prompts (each batch runs until its longest
 row ends). Also the forward steps each ran, and the fewest any K-slot continuous batching
 needs for the same lengths (``fifo_steps``): a step reads every weight whatever its row
-count, so where that read dominates (this CPU) the step counts bound the ratio.
+count, so where that read dominates the step counts bound the ratio.
 
 Decode-step breakdown (--breakdown): the per-token cost of the parts of a greedy decode
 step at B rows (the unembedding, then the unembedding plus: a flat argmax; the sampler's
@@ -149,8 +149,8 @@ def ragged(model, args):
     (s_e, u_e, _), (s_s, u_s, _), (s_l, u_l, _) = rows.values()
     print(f"continuous / static useful tokens/s: {(u_e / s_e) / (u_s / s_s):.2f}x; "
           f"with the same lengths: {(u_e / s_e) / (u_l / s_l):.2f}x")
-    # Forward steps: a decode step reads every weight whatever its rows, so on a
-    # weight-read-bound machine the step counts bound the ratio.
+    # Forward steps: every step reads every weight whatever its rows, so where that read
+    # dominates a step's cost the step counts bound the ratio.
     steps = np.asarray(stats["steps"]).tolist()
     n = same["n"]
     static_steps = sum(max(n[i:i + k]) for i in range(0, len(n), k))
