@@ -163,16 +163,55 @@ def test_drain_sizes():
     assert engine.default_decode_sizes(1) == (1,)
 
 
+def test_cache_geometry():
+    """A cache the decode steps read whole is rounded to SHORT_BLOCK (every position is
+    read every step), a longer one or a paged one to the kv block."""
+    opts = engine.EngineOptions(max_new_tokens=128, max_concurrent=16, prefill_chunk=512,
+                                kv_block=256, decode_sizes=(16,))
+    assert engine.SHORT_BLOCK == 64
+    assert engine.cache_geometry(32, opts) == (64, 192)
+    assert engine.cache_geometry(32, dataclasses.replace(opts, kv_block=8)) == (8, 160)
+    assert engine.cache_geometry(32, dataclasses.replace(opts, decode_read=128)) == (256, 256)
+    assert engine.cache_geometry(
+        32, dataclasses.replace(opts, attention="ragged_paged_xla")) == (256, 256)
+    long = dataclasses.replace(opts, max_new_tokens=16384)
+    assert engine.cache_geometry(512, long) == (256, 16896)
+
+
+def test_short_cache_block_same_responses(models):
+    """The default kv block on a short cache (generate caps it at 128 here): read whole in
+    SHORT_BLOCK blocks; the static batch's tokens."""
+    _, model, _ = models
+    kw = dict(max_new_tokens=40, temperature=0.7, key=jax.random.key(3), eos_id=[1, 2, 3],
+              num_samples=2)
+    seen = {}
+
+    def engine_fn(graphdef, options, state, prompts, *rest):
+        seen["opts"], seen["geometry"] = options, engine.cache_geometry(prompts.shape[1],
+                                                                         options)
+        return engine.engine_jit(graphdef, options, state, prompts, *rest)
+
+    got = generate(model, PROMPTS, max_concurrent=3, prefill_chunk=8, engine_fn=engine_fn,
+                   **kw)
+    assert seen["opts"].kv_block > engine.SHORT_BLOCK
+    assert seen["geometry"][0] == engine.SHORT_BLOCK
+    ref = generate(model, PROMPTS, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["gumbel", "inverse_cdf"])
 def test_sample_rows_distribution(method):
     """Two-level Gumbel-max and inverse CDF: frequencies match the probabilities (across
-    block boundaries, V = 600 > 256), zero-probability tokens are never drawn, and the
-    log-prob is that of the drawn token."""
+    block boundaries, V = 600 > 256, one whole block at probability 0), zero-probability
+    tokens are never drawn, and the log-prob is that of the drawn token."""
     from espo_jax.rollout.sampling import sample_rows
 
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.full(600, 0.3))
     probs[probs < 1e-3] = 0.0
+    probs[256:512] = 0.0  # the second block of 256: all -inf logits
     probs /= probs.sum()
     n = 10000
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(n))

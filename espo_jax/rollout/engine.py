@@ -18,7 +18,7 @@ with the K decode rows, as vLLM's chunked prefill), so a freed slot is refilled 
 after it frees, without stalling the other rows for a whole prefill call.
 
 KV cache: per layer {"k", "v"} [K, KVH, S, hd] with S = P + N rounded up to the kv block
-(P: the prompt array's width; N: the largest budget) -- sized by what is in flight (K),
+(P: the prompt array's width; N: the largest budget; ``cache_geometry``) -- sized by what is in flight (K),
 never by B. On TPU (``EngineOptions.attention``) it is {"kv"} in the pages of JAX's ragged
 paged attention kernel instead, one fixed run of pages per slot (``paged_attention``). A
 sequence sits at positions [0, len) of its slot (no left padding: positions are cache
@@ -110,6 +110,11 @@ DEFAULT_PREFILL_TOKENS = 32
 # Short, because each packed token gathers its slot's blocks up to the step's longest
 # prompt: a [T, KVH, block, hd] copy per block.
 PREFILL_BLOCK = 32
+# Kv block of a cache short enough for the decode steps to read whole (at most
+# ``decode_read`` positions, XLA layout): every position is read every step, so the cache
+# is rounded up to this many positions, not to the kv block (sampler.py's toy model on
+# CPU, 64 ragged prompts: 512 -> 320 positions, 9% faster).
+SHORT_BLOCK = 64
 # Rows of the smallest forward: a decode step of one busy slot runs as two rows (one idle).
 # XLA's one-row dot (a matrix-vector product) rounds differently from the same row among
 # others, so a lone row would get other log-probs (and, rarely, tokens) than with K > 1.
@@ -127,6 +132,18 @@ def default_decode_sizes(k: int) -> tuple:
     while sizes[-1] > MIN_ROWS:
         sizes.append(-(-sizes[-1] // 2))
     return tuple(sizes)
+
+
+def cache_geometry(prompt_width: int, options: EngineOptions) -> tuple[int, int]:
+    """(kv block, cache positions S per slot) of the engine for prompts of width P and
+    ``options.max_new_tokens`` N: S is P + N rounded up to the kv block, or, for an XLA
+    cache the decode steps read whole (at most ``decode_read`` positions), to
+    ``SHORT_BLOCK``."""
+    need, blk = prompt_width + options.max_new_tokens, options.kv_block
+    short = math.gcd(blk, SHORT_BLOCK)
+    if options.attention == "xla" and -(-need // short) * short <= options.decode_read:
+        blk = short
+    return blk, -(-need // blk) * blk
 
 
 def kv_cache_bytes(config, max_concurrent: int, max_len: int, dtype="bfloat16") -> int:
@@ -209,11 +226,12 @@ def engine_decode(
     cfg = model.config
     o = options
     b, p = prompts.shape
-    n, k, blk = o.max_new_tokens, o.max_concurrent, o.kv_block
+    n, k = o.max_new_tokens, o.max_concurrent
     # A prefill-heavy step packs up to C prompt tokens, whatever the prompts' lengths:
     # never more than K whole prompts hold (they would be padding rows).
     c = max(1, min(o.prefill_chunk, k * p))
-    s = -(-(p + n) // blk) * blk
+    paged = o.attention != "xla"
+    blk, s = cache_geometry(p, o)
     if getattr(cfg, "is_moe", False) and o.routed_width < 1:
         raise ValueError("EngineOptions.routed_width must be the left-padded prompt width "
                          "(>= 1) for an MoE model (the routed-experts output layout)")
@@ -222,7 +240,6 @@ def engine_decode(
         raise ValueError(f"EngineOptions.attention must be one of "
                          f"{paged_lib.ATTENTION_IMPLS[1:]} (resolve 'auto' first), "
                          f"got {o.attention!r}")
-    paged = o.attention != "xla"
     if paged:
         page = paged_lib.page_size_for(blk, o.page_size)
         cache = [{"kv": paged_lib.init_paged_cache(k, s, cfg.num_kv_heads, cfg.head_dim,

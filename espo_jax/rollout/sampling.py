@@ -154,19 +154,33 @@ def _inverse_cdf(probs: jax.Array, u: jax.Array, block: int = 256) -> jax.Array:
 SAMPLING_METHODS = ("gumbel", "inverse_cdf")
 
 
-def _blocked_gumbel(logp: jax.Array, key: jax.Array, block: int = 256) -> jax.Array:
-    """One exact draw from softmax(logp) (f32[V], -inf allowed) by Gumbel-max in two
-    levels: a block of ``block`` tokens by Gumbel-max over the blocks' log-masses, then a
-    token of that block by Gumbel-max over its logits. P(token) = P(block) P(token |
-    block) exactly, with V / block + block random numbers instead of V."""
-    v = logp.shape[-1]
+def _blocked_gumbel(x: jax.Array, keys: jax.Array, block: int = 256
+                    ) -> tuple[jax.Array, jax.Array]:
+    """One exact draw per row from softmax(x) (f32[B, V], -inf allowed, not normalised)
+    by Gumbel-max in two levels, and its log-prob: (tokens i32[B], logprobs f32[B]).
+
+    A block of ``block`` tokens by Gumbel-max over the blocks' log-masses, then a token
+    of that block by Gumbel-max over its logits: P(token) = P(block) P(token | block)
+    exactly, with V / block + block random numbers instead of V (row i's from keys[i]).
+    One exp pass over [B, V]: the blocks' max and exp-sums give both the log-masses and
+    the row's log-normaliser, so no [B, V] log-softmax is written.
+    """
+    b, v = x.shape
     nb = -(-v // block)
-    lb = jnp.pad(logp, (0, nb * block - v), constant_values=-jnp.inf).reshape(nb, block)
-    mass = jax.nn.logsumexp(lb, axis=-1)                                   # [nb]
-    k_block, k_tok = jax.random.split(key)
-    blk = jnp.argmax(mass + jax.random.gumbel(k_block, (nb,)))
-    tok = jnp.argmax(lb[blk] + jax.random.gumbel(k_tok, (block,)))
-    return (blk * block + tok).astype(jnp.int32)
+    lb = jnp.pad(x, ((0, 0), (0, nb * block - v)),
+                 constant_values=-jnp.inf).reshape(b, nb, block)
+    bmax = lb.max(-1)                                                      # [B, nb]
+    shift = jnp.where(jnp.isfinite(bmax), bmax, 0.0)  # an all -inf block sums to 0
+    mass = bmax + jnp.log(jnp.exp(lb - shift[..., None]).sum(-1))          # log sum exp
+    top = mass.max(-1)
+    lse = top + jnp.log(jnp.exp(mass - top[:, None]).sum(-1))              # [B]
+    k_block, k_tok = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    g_block = jax.vmap(lambda k: jax.random.gumbel(k, (nb,)))(k_block)
+    blk = jnp.argmax(mass + g_block, axis=-1)
+    inner = jnp.take_along_axis(lb, blk[:, None, None], axis=1)[:, 0]      # [B, block]
+    g_tok = jax.vmap(lambda k: jax.random.gumbel(k, (block,)))(k_tok)
+    tok = (blk * block + jnp.argmax(inner + g_tok, axis=-1)).astype(jnp.int32)
+    return tok, jnp.take_along_axis(x, tok[:, None], axis=-1)[:, 0] - lse
 
 
 def sample_rows(
@@ -192,11 +206,10 @@ def sample_rows(
     if greedy:
         return sample_step(logits, None, temperature, top_p, top_k=top_k, greedy=True)
     filtered = process_logits(logits, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
-    logp_all = jax.nn.log_softmax(filtered, axis=-1)
     if method == "gumbel":
-        tokens = jax.vmap(_blocked_gumbel)(logp_all, keys)
-    else:
-        u = jax.vmap(jax.random.uniform)(keys)
-        tokens = _inverse_cdf(jnp.exp(logp_all), u)
+        return _blocked_gumbel(filtered, keys)
+    logp_all = jax.nn.log_softmax(filtered, axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys)
+    tokens = _inverse_cdf(jnp.exp(logp_all), u)
     logprobs = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
