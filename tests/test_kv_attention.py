@@ -23,7 +23,7 @@ def _reference(q, kc, vc, slots, kv_len):
     g = H // KVH
     for m, (slot, n) in enumerate(zip(slots, kv_len)):
         for head in range(H):
-            kk, vv = kc[slot, head // g, :n], vc[slot, head // g, :n]
+            kk, vv = kc[slot, head // g, :, :n].T, vc[slot, head // g, :n]
             sc = kk @ q[m, 0, head] / math.sqrt(HD)
             p = np.exp(sc - sc.max())
             out[m, 0, head] = p @ vv / p.sum()
@@ -31,8 +31,9 @@ def _reference(q, kc, vc, slots, kv_len):
 
 
 def _cache(seed, k, s):
+    """Keys [K, KVH, hd, S] (stored transposed), values [K, KVH, S, hd], a query key."""
     ks = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(ks[0], (k, KVH, s, HD)), jax.random.normal(ks[1], (k, KVH, s, HD)),
+    return (jax.random.normal(ks[0], (k, KVH, HD, s)), jax.random.normal(ks[1], (k, KVH, s, HD)),
             ks[2])
 
 

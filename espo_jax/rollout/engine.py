@@ -17,7 +17,7 @@ decode or at least C prompt tokens wait (the start: prefill-bound), else ``prefi
 with the K decode rows, as vLLM's chunked prefill), so a freed slot is refilled the step
 after it frees, without stalling the other rows for a whole prefill call.
 
-KV cache: per layer {"k", "v"} [K, KVH, S, hd] with S = P + N rounded up to the kv block
+KV cache: per layer {"k" [K, KVH, hd, S], "v" [K, KVH, S, hd]}, S = P + N rounded up to the kv block
 (P: the prompt array's width; N: the largest budget; ``cache_geometry``) -- sized by what is in flight (K),
 never by B. On TPU (``EngineOptions.attention``) it is {"kv"} in the pages of JAX's ragged
 paged attention kernel instead, one fixed run of pages per slot (``paged_attention``). A
@@ -187,10 +187,11 @@ def _forward(model, ids, positions, cache, write, attend):
 
 
 def _write_kv(cache, slots, pos, k, v):
-    """A layer's cache {"k", "v"} [K, KVH, S, hd] with the new keys / values k, v
-    [M, 1, KVH, hd] stored at (slots[m], pos[m]); slot K (out of range) writes nowhere."""
+    """A layer's cache {"k" [K, KVH, hd, S], "v" [K, KVH, S, hd]} with the new keys /
+    values k, v [M, 1, KVH, hd] stored at (slots[m], pos[m]); slot K (out of range)
+    writes nowhere."""
     dt = cache["k"].dtype
-    return {"k": cache["k"].at[slots, :, pos].set(k[:, 0].astype(dt), mode="drop"),
+    return {"k": cache["k"].at[slots, :, :, pos].set(k[:, 0].astype(dt), mode="drop"),
             "v": cache["v"].at[slots, :, pos].set(v[:, 0].astype(dt), mode="drop")}
 
 
@@ -246,9 +247,9 @@ def engine_decode(
                                                    page, cdt)}
                  for _ in range(cfg.num_layers)]
     else:
-        shape = (k, cfg.num_kv_heads, s, cfg.head_dim)  # heads before positions: kv_attention
-        cache = [{"k": jnp.zeros(shape, cdt), "v": jnp.zeros(shape, cdt)}
-                 for _ in range(cfg.num_layers)]
+        kv_heads, hd = cfg.num_kv_heads, cfg.head_dim  # the layouts of kv_attention
+        cache = [{"k": jnp.zeros((k, kv_heads, hd, s), cdt),
+                  "v": jnp.zeros((k, kv_heads, s, hd), cdt)} for _ in range(cfg.num_layers)]
 
     def writer(at, pos):
         """The ``_forward`` write of new keys / values to slots ``at`` (k: nowhere), ``pos``."""
