@@ -13,19 +13,20 @@ One jitted program (``engine_decode``) runs the whole rollout of B prompts:
         a slot whose row hit a stop token or its budget is freed (its row is done)
 
 The prompt-token budget of a mixed step is C (``prefill_chunk``) while under K/2 slots
-decode or at least C prompt tokens wait (the start: prefill-bound), else ``prefill_tokens`` (a few tokens riding along
-with the K decode rows, as vLLM's chunked prefill), so a freed slot is refilled the step
-after it frees, without stalling the other rows for a whole prefill call.
+decode or at least C prompt tokens wait (the start: prefill-bound), else
+``prefill_tokens`` (a few tokens riding along with the K decode rows, as vLLM's chunked
+prefill), so a freed slot is refilled the step after it frees, without stalling the other
+rows for a whole prefill call.
 
-KV cache: per layer {"k" [K, KVH, hd, S], "v" [K, KVH, S, hd]}, S = P + N rounded up to the kv block
-(P: the prompt array's width; N: the largest budget; ``cache_geometry``) -- sized by what is in flight (K),
-never by B. On TPU (``EngineOptions.attention``) it is {"kv"} in the pages of JAX's ragged
-paged attention kernel instead, one fixed run of pages per slot (``paged_attention``). A
-sequence sits at positions [0, len) of its slot (no left padding: positions are cache
-indices). Attention (``kv_attention``) reads only the kv blocks below
-the longest live length of the rows in the call (a decode step reads a cache of at most
-``kv_attention.DECODE_READ`` positions whole, in place: cheaper on CPU than copying
-blocks); prefill attends only over the prompt's own positions.
+KV cache: per layer {"k" [K, KVH, hd, S], "v" [K, KVH, S, hd]}, S = P + N rounded up to
+the kv block (P: the prompt array's width; N: the largest budget; ``cache_geometry``) --
+sized by what is in flight (K), never by B. On TPU (``EngineOptions.attention``) it is
+{"kv"} in the pages of JAX's ragged paged attention kernel instead, one fixed run of
+pages per slot (``paged_attention``). A sequence sits at positions [0, len) of its slot
+(no left padding: positions are cache indices). Attention (``kv_attention``) reads only
+the kv blocks below the longest live length of the rows in the call (a decode step reads
+a cache of at most ``kv_attention.DECODE_READ`` positions whole, in place: cheaper on CPU
+than copying blocks); prefill attends only over the prompt's own positions.
 
 Drain: once fewer than K slots are busy, the decode step gathers the busy slots into the
 smallest of ``decode_sizes`` that holds them (one inner loop per static size), so the
