@@ -1,0 +1,116 @@
+"""The rollout engine's static options and cache geometry: what ``engine.engine_decode``
+compiles (``EngineOptions``, hashable), its drain sizes, how many cache positions a slot
+gets, and the ``generate`` keywords of a ``rollout`` config block. No arrays, no jit."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+from espo_jax.rollout import paged_attention as paged_lib
+from espo_jax.rollout.kv_attention import DECODE_READ
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """Static (compile-time) options of ``engine.engine_decode``; hashable.
+
+    max_new_tokens N (the output width; per-row budgets may be smaller);
+    max_concurrent K slots; prefill_chunk C packed prompt tokens per prefill-heavy step
+    (at most K x the prompt width are used); kv_block positions per attention block (the
+    cache length is a multiple of it); decode_sizes: descending batch sizes of the decode step,
+    the first = K; sampling flags and pad_id as in ``sampler.DecodeOptions``;
+    cache_dtype (None = the model's compute dtype); sampling: ``sampling.sample_rows``'s
+    method; prefill_tokens: packed prompt tokens per mixed step while at least K/2 slots
+    decode (0 or >= C: C, one mixed step size); routed_width: MoE models only, the
+    left-padded prompt width P0 of the routed-experts output (``sampler.Rollout``'s layout
+    [B, P0 + N, L, k]); attention: the cache layout and attention implementation,
+    "xla" (``kv_attention``), "ragged_paged" (the TPU Pallas kernel) or "ragged_paged_xla"
+    (its contract in XLA) (``paged_attention``; resolve "auto" with
+    ``paged_attention.resolve_attention`` first); page_size: positions per page of the
+    paged layouts (``paged_attention.page_size_for`` fits it to kv_block); decode_read:
+    the XLA layout's decode steps read a cache of at most this many positions whole, in
+    place, a longer one block by block (``kv_attention.ragged_decode_attention``).
+    """
+    max_new_tokens: int
+    max_concurrent: int
+    prefill_chunk: int
+    kv_block: int
+    decode_sizes: tuple
+    top_k: int = 0
+    greedy: bool = False
+    use_top_p: bool = False
+    pad_id: int = 0
+    cache_dtype: Any = None
+    sampling: str = "gumbel"
+    prefill_tokens: int = 0
+    routed_width: int = 0
+    attention: str = "xla"
+    page_size: int = paged_lib.DEFAULT_PAGE_SIZE
+    decode_read: int = DECODE_READ
+
+
+# Prompt tokens a mixed step carries along with the K decode rows (``engine``'s doc).
+DEFAULT_PREFILL_TOKENS = 32
+# Key positions per block of the packed prefill's attention (``kv_attention.
+# ragged_attention``; capped to divide the kv block). One size for every mixed step, so a
+# prompt token's attention sums its keys in the same blocks whichever step, K or packing
+# it lands in (the block size changes the rounding: in bf16 by up to 0.03 in a log-prob).
+# Short, because each packed token gathers its slot's blocks up to the step's longest
+# prompt: a [T, KVH, block, hd] copy per block.
+PREFILL_BLOCK = 32
+# Kv block of a cache short enough for the decode steps to read whole (at most
+# ``decode_read`` positions, XLA layout): every position is read every step, so the cache
+# is rounded up to this many positions, not to the kv block (sampler.py's toy model on
+# CPU, 64 ragged prompts: 512 -> 320 positions, 9% faster).
+SHORT_BLOCK = 64
+# Rows of the smallest forward: a decode step of one busy slot runs as two rows (one idle).
+# XLA's one-row dot (a matrix-vector product) rounds differently from the same row among
+# others, so a lone row would get other log-probs (and, rarely, tokens) than with K > 1.
+MIN_ROWS = 2
+
+
+def default_decode_sizes(k: int) -> tuple:
+    """(K, K/2, K/4, ..., 2) (halving, rounded up) for K >= 8, else (K,): drain sizes
+    where they pay (each size is one more compiled decode step; a step costs a fixed
+    weight read plus a per-row part, so a drain of m rows runs on at most 2m). No size 1:
+    a step has at least ``MIN_ROWS`` rows."""
+    if k < 8:
+        return (k,)
+    sizes = [k]
+    while sizes[-1] > MIN_ROWS:
+        sizes.append(-(-sizes[-1] // 2))
+    return tuple(sizes)
+
+
+def cache_geometry(prompt_width: int, options: EngineOptions) -> tuple[int, int]:
+    """(kv block, cache positions S per slot) of the engine for prompts of width P and
+    ``options.max_new_tokens`` N: S is P + N rounded up to the kv block, or, for an XLA
+    cache the decode steps read whole (at most ``decode_read`` positions), to
+    ``SHORT_BLOCK``."""
+    need, blk = prompt_width + options.max_new_tokens, options.kv_block
+    short = math.gcd(blk, SHORT_BLOCK)
+    if options.attention == "xla" and -(-need // short) * short <= options.decode_read:
+        blk = short
+    return blk, -(-need // blk) * blk
+
+
+def kv_cache_bytes(config, max_concurrent: int, max_len: int, dtype="bfloat16") -> int:
+    """Bytes of the engine's KV cache: K slots x max_len positions (prompt + response,
+    rounded up to the kv block by the engine) x layers x 2 (k, v) x kv heads x head_dim.
+    Divide by the devices that split the slots or the kv heads for a per-device figure."""
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
+    return int(max_concurrent) * int(max_len) * per_token * jnp.dtype(dtype).itemsize
+
+
+def engine_kwargs(rollout_config) -> dict:
+    """generate() keywords from a ``rollout`` config block: max_concurrent (0 -> None,
+    the static batch), prefill_chunk, kv_block, attention (``rollout.engine_attention``)
+    (their defaults where the block lacks them)."""
+    get = rollout_config.get
+    k = int(get("max_concurrent", 0) or 0)
+    return dict(max_concurrent=k if k > 0 else None,
+                prefill_chunk=int(get("prefill_chunk", 512)), kv_block=int(get("kv_block", 256)),
+                attention=str(get("engine_attention", "auto")))
