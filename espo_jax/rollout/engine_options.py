@@ -99,7 +99,7 @@ def cache_geometry(prompt_width: int, options: EngineOptions) -> tuple[int, int]
 
 def kv_cache_bytes(config, max_concurrent: int, max_len: int, dtype="bfloat16") -> int:
     """Bytes of the engine's KV cache: K slots x max_len positions (prompt + response,
-    rounded up to the kv block by the engine) x layers x 2 (k, v) x kv heads x head_dim.
+    rounded up as ``cache_geometry`` does) x layers x 2 (k, v) x kv heads x head_dim.
     Divide by the devices that split the slots or the kv heads for a per-device figure."""
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
     return int(max_concurrent) * int(max_len) * per_token * jnp.dtype(dtype).itemsize

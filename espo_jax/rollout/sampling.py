@@ -96,6 +96,13 @@ def sample_step(
     return tokens, logprobs
 
 
+def _blocks(x: jax.Array, block: int, fill: float) -> jax.Array:
+    """x [B, V] padded with ``fill`` to whole blocks -> [B, ceil(V / block), block]."""
+    b, v = x.shape
+    nb = -(-v // block)
+    return jnp.pad(x, ((0, 0), (0, nb * block - v)), constant_values=fill).reshape(b, nb, block)
+
+
 def greedy_rows(logits: jax.Array, block: int = 256) -> tuple[jax.Array, jax.Array]:
     """Argmax (the first of ties, as ``jnp.argmax``) and its log-prob under
     ``log_softmax(logits)``: logits f32[B, V] -> (tokens i32[B], logprobs f32[B]).
@@ -106,10 +113,7 @@ def greedy_rows(logits: jax.Array, block: int = 256) -> tuple[jax.Array, jax.Arr
     16 x 32k); the blocked one costs a plain max. The log-prob of the maximum m is
     -log(sum(exp(logits - m))), without materialising log_softmax.
     """
-    b, v = logits.shape
-    nb = -(-v // block)
-    lb = jnp.pad(logits, ((0, 0), (0, nb * block - v)),
-                 constant_values=-jnp.inf).reshape(b, nb, block)
+    lb = _blocks(logits, block, -jnp.inf)
     bmax = lb.max(-1)                                                      # [B, nb]
     blk = jnp.argmax(bmax, axis=-1)
     inner = jnp.take_along_axis(lb, blk[:, None, None], axis=1)[:, 0]      # [B, block]
@@ -135,9 +139,8 @@ def _inverse_cdf(probs: jax.Array, u: jax.Array, block: int = 256) -> jax.Array:
     (>= 0), u f32[B] in [0, 1) -> i32[B]. Two levels (sums of blocks of ``block``
     tokens, then the chosen block's own cumsum) keep the float error of the running sums
     small; zero-probability tokens are never returned."""
-    b, v = probs.shape
-    nb = -(-v // block)
-    pb = jnp.pad(probs, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+    pb = _blocks(probs, block, 0.0)
+    nb = pb.shape[1]
     sums = pb.sum(-1)                                                     # [B, nb]
     csum = jnp.cumsum(sums, -1)
     target = u * csum[:, -1]
@@ -165,10 +168,8 @@ def _blocked_gumbel(x: jax.Array, keys: jax.Array, block: int = 256
     One exp pass over [B, V]: the blocks' max and exp-sums give both the log-masses and
     the row's log-normaliser, so no [B, V] log-softmax is written.
     """
-    b, v = x.shape
-    nb = -(-v // block)
-    lb = jnp.pad(x, ((0, 0), (0, nb * block - v)),
-                 constant_values=-jnp.inf).reshape(b, nb, block)
+    lb = _blocks(x, block, -jnp.inf)
+    nb = lb.shape[1]
     bmax = lb.max(-1)                                                      # [B, nb]
     shift = jnp.where(jnp.isfinite(bmax), bmax, 0.0)  # an all -inf block sums to 0
     mass = bmax + jnp.log(jnp.exp(lb - shift[..., None]).sum(-1))          # log sum exp
