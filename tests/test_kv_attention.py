@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from espo_jax.rollout.kv_attention import ragged_attention, ragged_decode_attention
+from espo_jax.rollout.kv_attention import key_blocks, ragged_attention, ragged_decode_attention
 
 H, KVH, HD, BLOCK = 4, 2, 8, 8
 
@@ -23,7 +23,7 @@ def _reference(q, kc, vc, slots, kv_len):
     g = H // KVH
     for m, (slot, n) in enumerate(zip(slots, kv_len)):
         for head in range(H):
-            kk, vv = kc[slot, head // g, :, :n].T, vc[slot, head // g, :n]
+            kk, vv = kc[slot, head // g, :n], vc[slot, head // g, :n]
             sc = kk @ q[m, 0, head] / math.sqrt(HD)
             p = np.exp(sc - sc.max())
             out[m, 0, head] = p @ vv / p.sum()
@@ -31,9 +31,9 @@ def _reference(q, kc, vc, slots, kv_len):
 
 
 def _cache(seed, k, s):
-    """Keys [K, KVH, hd, S] (stored transposed), values [K, KVH, S, hd], a query key."""
+    """Keys [K, KVH, S, hd], values [K, KVH, S, hd], a query key."""
     ks = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(ks[0], (k, KVH, HD, s)), jax.random.normal(ks[1], (k, KVH, s, HD)),
+    return (jax.random.normal(ks[0], (k, KVH, s, HD)), jax.random.normal(ks[1], (k, KVH, s, HD)),
             ks[2])
 
 
@@ -45,17 +45,23 @@ def test_decode_attention_equals_float64_reference(read, gather):
     slots = np.array([3, 0, 4, 1]) if gather else np.arange(k)
     kv_len = np.array([1, 17, 48, 8, 30][: len(slots)])
     q = jax.random.normal(key, (len(slots), 1, H, HD))
-    got = ragged_decode_attention(q, kc, vc, jnp.asarray(slots) if gather else None,
-                                  jnp.asarray(kv_len), block=BLOCK, read=read)
+    kb = key_blocks(kc, BLOCK)  # the cache's layout [K, KVH, S/B, hd, B]
+    np.testing.assert_array_equal(np.asarray(kb[:, :, 2, :, 3]),
+                                  np.asarray(kc[:, :, 2 * BLOCK + 3]))
+    got = ragged_decode_attention(q, kb, vc, jnp.asarray(slots) if gather else None,
+                                  jnp.asarray(kv_len), read=read)
     np.testing.assert_allclose(np.asarray(got), _reference(q, kc, vc, slots, kv_len),
                                atol=2e-6, rtol=2e-6)
     # The general (prefill) path agrees, with each query at position kv_len - 1.
-    old = ragged_attention(q, kc, vc, jnp.asarray(slots) if gather else None,
-                           jnp.asarray(kv_len - 1)[:, None], jnp.asarray(kv_len), block=BLOCK)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(old), atol=2e-6, rtol=2e-6)
+    # The general (prefill) path agrees, with each query at position kv_len - 1, reading
+    # whole blocks or sub-blocks of the cache's.
+    for block in (BLOCK, BLOCK // 4):
+        old = ragged_attention(q, kb, vc, jnp.asarray(slots) if gather else None,
+                               jnp.asarray(kv_len - 1)[:, None], jnp.asarray(kv_len), block=block)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(old), atol=2e-6, rtol=2e-6)
     # A row with kv_len 0 (an idle row) gives zeros, not NaN.
-    idle = ragged_decode_attention(q[:1], kc, vc, jnp.zeros((1,), jnp.int32),
-                                   jnp.zeros((1,), jnp.int32), block=BLOCK, read=read)
+    idle = ragged_decode_attention(q[:1], kb, vc, jnp.zeros((1,), jnp.int32),
+                                   jnp.zeros((1,), jnp.int32), read=read)
     assert not np.any(np.asarray(idle))
 
 
@@ -67,22 +73,28 @@ def test_decode_attention_row_result_does_not_depend_on_its_call(lens, read, dty
     (more blocks or windows read): bitwise the same output."""
     k, s = len(lens), 48
     kc, vc, key = _cache(1, k, s)
-    kc, vc = kc.astype(dtype), vc.astype(dtype)
+    kc, vc = key_blocks(kc, BLOCK).astype(dtype), vc.astype(dtype)
     q = jax.random.normal(key, (len(lens), 1, H, HD)).astype(dtype)
     kv_len = jnp.asarray(lens)
-    together = ragged_decode_attention(q, kc, vc, None, kv_len, block=BLOCK, read=read)
+    together = ragged_decode_attention(q, kc, vc, None, kv_len, read=read)
     alone = ragged_decode_attention(q[:1], kc, vc, jnp.zeros((1,), jnp.int32), kv_len[:1],
-                                    block=BLOCK, read=read)
+                                    read=read)
     gathered = ragged_decode_attention(q[::-1], kc, vc, jnp.arange(len(lens))[::-1],
-                                       kv_len[::-1], block=BLOCK, read=read)
+                                       kv_len[::-1], read=read)
     np.testing.assert_array_equal(np.asarray(alone[0], np.float32),
                                   np.asarray(together[0], np.float32))
     np.testing.assert_array_equal(np.asarray(gathered[::-1], np.float32),
                                   np.asarray(together, np.float32))
 
 
-def test_decode_attention_bad_cache_length():
+def test_bad_cache_layouts():
     kc, vc, key = _cache(2, 2, 20)
+    q = jax.random.normal(key, (2, 1, H, HD))
     with pytest.raises(ValueError, match="multiple of the kv block"):
-        ragged_decode_attention(jax.random.normal(key, (2, 1, H, HD)), kc, vc, None,
-                                jnp.asarray([3, 4]), block=BLOCK)
+        key_blocks(kc, BLOCK)
+    kb = key_blocks(kc[:, :, :16], BLOCK)
+    with pytest.raises(ValueError, match="blocks of 8 positions but the value cache 20"):
+        ragged_decode_attention(q, kb, vc, None, jnp.asarray([3, 4]))
+    with pytest.raises(ValueError, match="block 3 must divide the cache's kv block 8"):
+        ragged_attention(q, kb, vc[:, :, :16], None, jnp.asarray([[2], [3]]),
+                         jnp.asarray([3, 4]), block=3)

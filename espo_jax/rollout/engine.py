@@ -18,11 +18,12 @@ decode or at least C prompt tokens wait (the start: prefill-bound), else
 prefill), so a freed slot is refilled the step after it frees, without stalling the other
 rows for a whole prefill call.
 
-KV cache: per layer {"k" [K, KVH, hd, S], "v" [K, KVH, S, hd]}, S = P + N rounded up to
-the kv block (P: the prompt array's width; N: the largest budget; ``cache_geometry``) --
-sized by what is in flight (K), never by B. On TPU (``EngineOptions.attention``) it is
-{"kv"} in the pages of JAX's ragged paged attention kernel instead, one fixed run of
-pages per slot (``paged_attention``). A sequence sits at positions [0, len) of its slot
+KV cache: per layer {"k" [K, KVH, S/blk, hd, blk], "v" [K, KVH, S, hd]} (blk: the kv
+block; ``kv_attention``'s layout), S = P + N rounded up to the kv block (P: the prompt
+array's width; N: the largest budget; ``cache_geometry``) -- sized by what is in flight
+(K), never by B. On TPU (``EngineOptions.attention``) it is {"kv"} in the pages of JAX's
+ragged paged attention kernel instead, one fixed run of pages per slot
+(``paged_attention``). A sequence sits at positions [0, len) of its slot
 (no left padding: positions are cache indices). Attention (``kv_attention``) reads only
 the kv blocks below the longest live length of the rows in the call (a decode step reads
 a cache of at most ``kv_attention.DECODE_READ`` positions whole, in place: cheaper on CPU
@@ -97,11 +98,12 @@ def _forward(model, ids, positions, cache, write, attend):
 
 
 def _write_kv(cache, slots, pos, k, v):
-    """A layer's cache {"k" [K, KVH, hd, S], "v" [K, KVH, S, hd]} with the new keys /
+    """A layer's cache {"k" [K, KVH, S/B, hd, B], "v" [K, KVH, S, hd]} with the new keys /
     values k, v [M, 1, KVH, hd] stored at (slots[m], pos[m]); slot K (out of range)
     writes nowhere."""
-    dt = cache["k"].dtype
-    return {"k": cache["k"].at[slots, :, :, pos].set(k[:, 0].astype(dt), mode="drop"),
+    dt, b = cache["k"].dtype, cache["k"].shape[-1]
+    return {"k": cache["k"].at[slots, :, pos // b, :, pos % b].set(k[:, 0].astype(dt),
+                                                                   mode="drop"),
             "v": cache["v"].at[slots, :, pos].set(v[:, 0].astype(dt), mode="drop")}
 
 
@@ -158,7 +160,7 @@ def engine_decode(
                  for _ in range(cfg.num_layers)]
     else:
         kv_heads, hd = cfg.num_kv_heads, cfg.head_dim  # the layouts of kv_attention
-        cache = [{"k": jnp.zeros((k, kv_heads, hd, s), cdt),
+        cache = [{"k": jnp.zeros((k, kv_heads, s // blk, hd, blk), cdt),
                   "v": jnp.zeros((k, kv_heads, s, hd), cdt)} for _ in range(cfg.num_layers)]
 
     def writer(at, pos):
@@ -275,7 +277,7 @@ def engine_decode(
             else:
                 def attend(q, cc):
                     od = ragged_decode_attention(q[:k], cc["k"], cc["v"], None,
-                                                 jnp.where(dec, ln + 1, 0), block=blk,
+                                                 jnp.where(dec, ln + 1, 0),
                                                  read=o.decode_read)
                     op = ragged_attention(q[k:], cc["k"], cc["v"], tslot, tpos[:, None],
                                           jnp.where(tvalid, tpos + 1, 0), block=pblk)
@@ -322,7 +324,7 @@ def engine_decode(
                 def attend(q, cc):
                     return ragged_decode_attention(q, cc["k"], cc["v"],
                                                    None if every_slot else safe,
-                                                   jnp.where(live, pos + 1, 0), block=blk,
+                                                   jnp.where(live, pos + 1, 0),
                                                    read=o.decode_read)
 
             hidden, cache, rx = _forward(model, slots["prev"][safe][:, None], pos[:, None],

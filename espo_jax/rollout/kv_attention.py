@@ -10,13 +10,16 @@ number of queries per row (the packed prefill); ``ragged_decode_attention`` one 
 row (the decode steps), reading a short cache whole, in place (``DECODE_READ``).
 
 Shapes: M query rows, T queries per row, H query heads, KVH kv heads (H = KVH * G),
-hd head dim, K cache slots, S cache positions (a multiple of ``block``). The cache is
-keys [K, KVH, hd, S] and values [K, KVH, S, hd], heads before positions, so a block slice
-is already in the batched dots' layout (batch m, kv head; no transpose copy per block,
-as a [K, S, KVH, hd] cache needs). The keys are stored transposed so that a query's
-scores are a plain [G, hd] x [hd, S] matmul, as the values' [G, S] x [S, hd]: XLA:CPU
-gives a decode step's G = 2 queries against a [S, hd] key block a matmul with 2 columns,
-3x slower than these alone and 1.5x inside a decode step.
+hd head dim, K cache slots, S cache positions in blocks of B (the cache's kv block). The
+cache is keys [K, KVH, S/B, hd, B] and values [K, KVH, S, hd]: heads before positions, so
+a block slice is already in the batched dots' layout (no transpose copy per block, as a
+[K, S, KVH, hd] cache needs), and the keys stored transposed in blocks of B positions, so
+a decode query's scores are one [G, hd] x [hd, B] matmul per (row, kv head, block) over a
+contiguous block, as the values' [G, B] x [B, hd]. (XLA:CPU gives a decode step's G = 2
+queries against a [S, hd] key block a matmul with 2 columns, 3x slower; against one
+[hd, S] matrix a strided read, about 2x slower than the blocks once the cache is out of
+the processor's caches, as it is after every step's unembedding.) ``key_blocks`` makes
+this layout from [K, KVH, S, hd] keys.
 """
 from __future__ import annotations
 
@@ -29,31 +32,43 @@ import jax.numpy as jnp
 _NEG = -1e30
 
 
-def _read(k_cache, v_cache, start, size, slots):
-    """Positions [start, start + size) of the cache: keys [M, KVH, hd, size] and values
-    [M, KVH, size, hd] of slots[m] (or of every slot when slots is None)."""
-    kb = jax.lax.dynamic_slice_in_dim(k_cache, start, size, axis=3)
-    vb = jax.lax.dynamic_slice_in_dim(v_cache, start, size, axis=2)
-    if slots is not None:
-        kb = jnp.take(kb, slots, axis=0, mode="clip")
-        vb = jnp.take(vb, slots, axis=0, mode="clip")
-    return kb, vb
+def key_blocks(keys, block: int):
+    """Keys [K, KVH, S, hd] -> the cache's layout [K, KVH, S/block, hd, block]."""
+    k, kvh, s, hd = keys.shape
+    if s % block:
+        raise ValueError(f"cache length {s} must be a multiple of the kv block {block}")
+    return keys.reshape(k, kvh, s // block, block, hd).swapaxes(3, 4)
+
+
+def _check(k_cache, v_cache):
+    """(S, B) of a cache: its positions and its key block."""
+    nb, b = k_cache.shape[2], k_cache.shape[4]
+    if v_cache.shape[2] != nb * b:
+        raise ValueError(f"the key cache holds {nb} blocks of {b} positions but the value "
+                         f"cache {v_cache.shape[2]} positions")
+    return nb * b, b
+
+
+def _take(x, slots):
+    return x if slots is None else jnp.take(x, slots, axis=0, mode="clip")
 
 
 def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
     """Causal attention of new queries over their slots' cached keys / values.
 
-    q [M, T, H, hd]; k_cache [K, KVH, hd, S], v_cache [K, KVH, S, hd] (already holding
+    q [M, T, H, hd]; k_cache [K, KVH, S/B, hd, B], v_cache [K, KVH, S, hd] (already holding
     the queries' own keys); slots i32[M] (the slot of each query row; an out-of-range
     slot gives a garbage row the caller drops), or None when row m is slot m (M = K: no
     gather); q_pos i32[M, T] (each query's position); kv_len i32[M] (keys at positions
     >= kv_len are never read). A query at position p sees keys at positions
-    <= min(p, kv_len - 1). Returns [M, T, H, hd] in q.dtype.
+    <= min(p, kv_len - 1). Keys are summed in blocks of ``block`` positions (a divisor of
+    the cache's B). Returns [M, T, H, hd] in q.dtype.
     """
     m, t, h, hd = q.shape
-    kvh, s = v_cache.shape[1], v_cache.shape[2]
-    if s % block:
-        raise ValueError(f"cache length {s} must be a multiple of the kv block {block}")
+    kvh = v_cache.shape[1]
+    s, cb = _check(k_cache, v_cache)
+    if cb % block:
+        raise ValueError(f"the attention block {block} must divide the cache's kv block {cb}")
     g = h // kvh
     # [M, KVH, G * T, hd]: both dots are plain batched matmuls over (row, kv head).
     qg = q.reshape(m, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(m, kvh, g * t, hd)
@@ -64,7 +79,10 @@ def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
     def body(b, carry):
         mx, den, acc = carry
         start = b * block
-        kb, vb = _read(k_cache, v_cache, start, block, slots)      # [M,KVH,hd,blk], [..blk,hd]
+        kb = jax.lax.dynamic_slice(k_cache, (0, 0, start // cb, 0, start % cb),
+                                   k_cache.shape[:2] + (1, hd, block))
+        kb = _take(kb[:, :, 0], slots)                                       # [M,KVH,hd,blk]
+        vb = _take(jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=2), slots)
         kb, vb = kb.astype(q.dtype), vb.astype(q.dtype)
         sc = jnp.einsum("mkqd,mkds->mkqs", qg, kb, preferred_element_type=jnp.float32)
         sc = sc.reshape(m, kvh, g, t, block) * scale
@@ -97,12 +115,11 @@ def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
 DECODE_READ = 2048
 
 
-def ragged_decode_attention(q, k_cache, v_cache, slots, kv_len, *, block: int,
-                            read: int = DECODE_READ):
+def ragged_decode_attention(q, k_cache, v_cache, slots, kv_len, *, read: int = DECODE_READ):
     """One new query per row over its slot's first kv_len[m] keys: a decode step.
 
-    q [M, 1, H, hd]; k_cache [K, KVH, hd, S], v_cache [K, KVH, S, hd]; slots i32[M] or
-    None (row m is slot m); kv_len i32[M] (>= 1 for a real row; 0 gives a zero row the
+    q [M, 1, H, hd]; k_cache [K, KVH, S/B, hd, B], v_cache [K, KVH, S, hd]; slots i32[M]
+    or None (row m is slot m); kv_len i32[M] (>= 1 for a real row; 0 gives a zero row the
     caller drops).
     Returns [M, 1, H, hd] in q.dtype: ``ragged_attention`` with q_pos = kv_len - 1, up to
     float rounding.
@@ -110,46 +127,43 @@ def ragged_decode_attention(q, k_cache, v_cache, slots, kv_len, *, block: int,
     A cache of S <= ``read`` positions is read whole, in place (one window); a longer one
     in windows of one block, stopping after the block holding max(kv_len): O(live
     tokens), as ``ragged_attention`` (each block a copy on CPU). Inside a window
-    every block of ``block`` keys is one batched dot with its own max, exp-sum and
-    weighted values; the blocks are summed in order, rescaled to the window's max, and the
+    every block of B keys is one batched dot with its own max, exp-sum and weighted
+    values; the blocks are summed in order, rescaled to the window's max, and the
     windows combined online (flash-style). A block past a row's length adds exactly zero,
     so a row's result depends neither on which rows share its call nor on how many
     windows the call reads: the same tokens for every max_concurrent.
     """
     m, _, h, hd = q.shape
-    kvh, s = v_cache.shape[1], v_cache.shape[2]
-    if s % block:
-        raise ValueError(f"cache length {s} must be a multiple of the kv block {block}")
+    kvh = v_cache.shape[1]
+    s, block = _check(k_cache, v_cache)
     g = h // kvh
     win = s if s <= read else block
     nb, n_win = win // block, s // win
-    qg = q.reshape(m, kvh, g, hd)
+    # [M, KVH, nb, G, hd]: the window's blocks a batch dim of both dots.
+    qg = jnp.broadcast_to(q.reshape(m, kvh, 1, g, hd), (m, kvh, nb, g, hd))
     scale = 1.0 / math.sqrt(hd)
 
     def window(w, carry):
         mx_run, den, acc = carry
         s0 = w * win
-        kc, vc = _read(k_cache, v_cache, s0, win, slots)
-        # Scores [M, KVH, G, nb, block]: one [G, hd] x [hd, win] matmul per (row, kv
-        # head); the values' blocks are a batch dim of the second dot.
+        kc = _take(jax.lax.dynamic_slice_in_dim(k_cache, w * nb, nb, axis=2), slots)
+        vc = _take(jax.lax.dynamic_slice_in_dim(v_cache, s0, win, axis=2), slots)
         vc = vc.reshape(m, kvh, nb, block, hd).astype(q.dtype)
-        sc = jnp.einsum("mkgd,mkds->mkgs", qg, kc.astype(q.dtype),
-                        preferred_element_type=jnp.float32).reshape(m, kvh, g, nb, block)
+        sc = jnp.einsum("mkngd,mknds->mkngs", qg, kc.astype(q.dtype),
+                        preferred_element_type=jnp.float32)                  # [M,KVH,nb,G,B]
         pos = s0 + jnp.arange(win)
-        ok = (pos[None] < kv_len[:, None]).reshape(m, 1, 1, nb, block)
+        ok = (pos[None] < kv_len[:, None]).reshape(m, 1, nb, 1, block)
         sc = jnp.where(ok, sc * scale, _NEG)
-        mx = sc.max(-1)                                                      # [M,KVH,G,nb]
+        mx = sc.max(-1)                                                      # [M,KVH,nb,G]
         p = jnp.where(ok, jnp.exp(sc - mx[..., None]), 0.0)
-        mx_w = mx.max(-1)                                                    # [M,KVH,G]
-        wgt = jnp.exp(mx - mx_w[..., None])  # exactly 0 for a block past the end
+        mx_w = mx.max(2)                                                     # [M,KVH,G]
+        wgt = jnp.exp(mx - mx_w[:, :, None])  # exactly 0 for a block past the end
         den_b = p.sum(-1) * wgt
-        # [M, KVH, nb, G, block]: the blocks a batch dim (a small transpose of p).
-        pv = jnp.einsum("mkngs,mknsd->mkngd", p.transpose(0, 1, 3, 2, 4).astype(vc.dtype),
-                        vc, preferred_element_type=jnp.float32)
-        pv = pv * wgt.transpose(0, 1, 3, 2)[..., None]
+        pv = jnp.einsum("mkngs,mknsd->mkngd", p.astype(vc.dtype), vc,
+                        preferred_element_type=jnp.float32) * wgt[..., None]
 
         def add(i, c):  # in block order: the sum does not depend on the blocks after
-            return c[0] + den_b[:, :, :, i], c[1] + pv[:, :, i]
+            return c[0] + den_b[:, :, i], c[1] + pv[:, :, i]
         den_w, acc_w = jax.lax.fori_loop(0, nb, add, (jnp.zeros_like(mx_w),
                                                       jnp.zeros(mx_w.shape + (hd,))))
         mx_new = jnp.maximum(mx_run, mx_w)
