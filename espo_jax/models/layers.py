@@ -72,11 +72,17 @@ def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
     return inv
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate-half RoPE. x [B,T,N,hd]; positions i32[B,T]; computed in f32."""
-    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,hd/2]
-    cos = jnp.cos(ang)[:, :, None, :]
-    sin = jnp.sin(ang)[:, :, None, :]
+def rope_angles(positions, inv_freq):
+    """(cos, sin) f32[B,T,hd/2] of RoPE at positions i32[B,T]."""
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, positions, inv_freq, angles=None):
+    """Rotate-half RoPE. x [B,T,N,hd]; positions i32[B,T]; computed in f32. ``angles``:
+    ``rope_angles(positions, inv_freq)`` when the caller made them once for every layer."""
+    cos, sin = angles if angles is not None else rope_angles(positions, inv_freq)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -99,16 +105,17 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.attention_chunk = cfg.attention_chunk
 
-    def project_qkv(self, x, positions, inv_freq):
-        """(q [B,T,H,hd], k, v [B,T,K,hd]): projections, q/k norms (Qwen3) and RoPE. Also
-        the rollout engine's decode step (``espo_jax.rollout.engine``)."""
+    def project_qkv(self, x, positions, inv_freq, angles=None):
+        """(q [B,T,H,hd], k, v [B,T,K,hd]): projections, q/k norms (Qwen3) and RoPE
+        (``apply_rope``). Also the rollout engine's decode step (``espo_jax.rollout.engine``)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        return (apply_rope(q, positions, inv_freq, angles),
+                apply_rope(k, positions, inv_freq, angles), v)
 
     def __call__(self, x, positions, segment_ids, inv_freq, cache=None, cache_index=None,
                  kv_segment_ids=None, impl="dense"):

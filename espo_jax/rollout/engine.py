@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from espo_jax.models.layers import rope_inv_freq
+from espo_jax.models.layers import rope_angles, rope_inv_freq
 from espo_jax.rollout import paged_attention as paged_lib
 # The options and cache geometry live in engine_options; re-exported as engine.<name>.
 from espo_jax.rollout.engine_options import (  # noqa: F401
@@ -67,21 +67,23 @@ from espo_jax.rollout.sampling import sample_rows
 
 # ----------------------------------------------------------------------------- forward
 
-def _forward(model, ids, positions, cache, write, attend):
+def _forward(model, ids, positions, cache, write, attend, rope):
     """The decoder trunk with the engine's cache: ids, positions i32[M, T] ->
     final-norm hidden f32[M, T, D], new cache, and the experts i32[M, T, L, k] the L
-    sparse layers' routers picked (None for a dense model). ``write(c, k, v)`` stores a
-    layer's new keys / values [M, T, KVH, hd] and returns the layer's new cache {"k", "v"};
-    ``attend(q, c)`` is the attention over it."""
-    cfg = model.config
-    inv_freq = rope_inv_freq(cfg)
+    sparse layers' routers picked (None for a dense model). ``rope``: the rollout's RoPE
+    table (cos, sin) f32[S, hd/2], looked up once per forward for every layer (XLA would
+    otherwise evaluate cos / sin inside each layer's q and k fusions, once per element of
+    every head). ``write(c, k, v)`` stores a layer's new keys / values [M, T, KVH, hd]
+    and returns the layer's new cache {"k", "v"}; ``attend(q, c)`` is the attention over
+    it."""
+    angles = (rope[0][positions], rope[1][positions])
     m, t = ids.shape
     x = jnp.take(model.embed_tokens[...], ids, axis=0).astype(model.dtype)
     new_cache, experts = [], []
     for layer, c in zip(model.layers, cache):
         a = layer.self_attn
         h = layer.input_layernorm(x)
-        q, k, v = a.project_qkv(h, positions, inv_freq)
+        q, k, v = a.project_qkv(h, positions, None, angles)
         c = write(c, k, v)
         o = attend(q, c)
         x = x + a.o_proj(o.reshape(m, t, -1))
@@ -174,6 +176,7 @@ def engine_decode(
         return lambda q, cc: paged_lib.paged_attend(o.attention, q, cc["kv"], seq_slots,
                                                      q_lens, kv_lens, num_slots=k)
     w = model.unembedding().astype(model.dtype)  # once per rollout, not per token
+    rope = tuple(a[0] for a in rope_angles(jnp.arange(s)[None], rope_inv_freq(cfg)))
     sample = functools.partial(sample_rows, temperature=temperature, top_p=top_p,
                                top_k=o.top_k, greedy=o.greedy, use_top_p=o.use_top_p,
                                method=o.sampling)
@@ -284,7 +287,7 @@ def engine_decode(
                     return jnp.concatenate([od, op])
 
             ids = jnp.concatenate([slots["prev"], tids])[:, None]
-            hidden, cache, rx = _forward(model, ids, pos[:, None], cache, write, attend)
+            hidden, cache, rx = _forward(model, ids, pos[:, None], cache, write, attend, rope)
             out = record(out, jnp.concatenate([rr, trow]), pos[:, None], rx,
                          jnp.concatenate([dec, tvalid])[:, None])
             live = dec | fin
@@ -328,7 +331,7 @@ def engine_decode(
                                                    read=o.decode_read)
 
             hidden, cache, rx = _forward(model, slots["prev"][safe][:, None], pos[:, None],
-                                         cache, write, attend)
+                                         cache, write, attend, rope)
             out = record(out, rows, pos[:, None], rx, live[:, None])
             logits = _unembed(model, w, hidden[:, 0])
             tok, logp = sample(logits, keys_of(rows, steps))
