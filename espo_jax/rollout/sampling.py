@@ -175,11 +175,16 @@ def _blocked_gumbel(x: jax.Array, keys: jax.Array, block: int = 256
     mass = bmax + jnp.log(jnp.exp(lb - shift[..., None]).sum(-1))          # log sum exp
     top = mass.max(-1)
     lse = top + jnp.log(jnp.exp(mass - top[:, None]).sum(-1))              # [B]
+    b = x.shape[0]
     k_block, k_tok = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    g_block = jax.vmap(lambda k: jax.random.gumbel(k, (nb,)))(k_block)
-    blk = jnp.argmax(mass + g_block, axis=-1)
+    # Both draws in one threefry pass (on CPU each pass is a rolled loop of small
+    # kernels): nb Gumbels from k_block are the first nb of a longer draw (threefry's
+    # counters are per element), so the numbers are those of two separate draws.
+    width = max(nb, block)
+    g = jax.vmap(lambda k: jax.random.gumbel(k, (width,)))(jnp.concatenate([k_block, k_tok]))
+    blk = jnp.argmax(mass + g[:b, :nb], axis=-1)
     inner = jnp.take_along_axis(lb, blk[:, None, None], axis=1)[:, 0]      # [B, block]
-    g_tok = jax.vmap(lambda k: jax.random.gumbel(k, (block,)))(k_tok)
+    g_tok = g[b:, :block]
     tok = (blk * block + jnp.argmax(inner + g_tok, axis=-1)).astype(jnp.int32)
     return tok, jnp.take_along_axis(x, tok[:, None], axis=-1)[:, 0] - lse
 
