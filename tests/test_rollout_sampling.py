@@ -120,3 +120,28 @@ def test_filters_keep_at_least_one_token_and_match_reference():
     out = process_logits(logits, 0.5, 0.9, top_k=6)
     ref = np.stack([reference_probs(r, 0.5, 6, 0.9) for r in np.asarray(logits)])
     np.testing.assert_allclose(np.exp(jax.nn.log_softmax(out, -1)), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("v", [1000, 70_000])  # fewer blocks than a block's tokens, and more
+def test_blocked_gumbel_uses_the_documented_draws(v):
+    """_blocked_gumbel's block and token Gumbels come from one draw per row; they are
+    exactly those of separate draws from split(key): a block by Gumbel-max over the
+    blocks' log-masses with nb Gumbels from the first subkey, then a token of it with
+    `block` Gumbels from the second (the random stream a given key has always given)."""
+    from espo_jax.rollout.sampling import _blocked_gumbel
+    block, b = 256, 6
+    x = jax.random.normal(jax.random.key(3), (b, v)) * 3
+    keys = jax.random.split(jax.random.key(4), b)
+    tok, logp = _blocked_gumbel(x, keys, block)
+    nb = -(-v // block)
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (0, nb * block - v)),
+                constant_values=-np.inf).reshape(b, nb, block)
+    mass = np.log(np.exp(xp).sum(-1))
+    for i in range(b):
+        k_block, k_tok = jax.random.split(keys[i])
+        blk = np.argmax(mass[i] + np.asarray(jax.random.gumbel(k_block, (nb,)), np.float64))
+        t = np.argmax(xp[i, blk] + np.asarray(jax.random.gumbel(k_tok, (block,)), np.float64))
+        assert int(tok[i]) == blk * block + t
+        ref = np.asarray(x[i], np.float64)
+        np.testing.assert_allclose(float(logp[i]), ref[tok[i]] - np.log(np.exp(ref).sum()),
+                                   rtol=1e-5)

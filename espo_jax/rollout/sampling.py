@@ -178,8 +178,9 @@ def _blocked_gumbel(x: jax.Array, keys: jax.Array, block: int = 256
     b = x.shape[0]
     k_block, k_tok = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     # Both draws in one threefry pass (on CPU each pass is a rolled loop of small
-    # kernels): nb Gumbels from k_block are the first nb of a longer draw (threefry's
-    # counters are per element), so the numbers are those of two separate draws.
+    # kernels). With JAX's default partitionable threefry a draw's numbers are per
+    # element, so the first nb of a longer draw from k_block are those of a length-nb
+    # draw: the same stream as two separate draws.
     width = max(nb, block)
     g = jax.vmap(lambda k: jax.random.gumbel(k, (width,)))(jnp.concatenate([k_block, k_tok]))
     blk = jnp.argmax(mass + g[:b, :nb], axis=-1)
