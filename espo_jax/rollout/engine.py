@@ -100,12 +100,12 @@ def _forward(model, ids, positions, cache, write, attend, rope):
 
 
 def _write_kv(cache, slots, pos, k, v):
-    """A layer's cache {"k" [K, KVH, S/B, hd, B], "v" [K, KVH, S, hd]} with the new keys /
+    """A layer's cache {"k" [K, KVH, S/blk, hd, blk], "v" [K, KVH, S, hd]} with the new keys /
     values k, v [M, 1, KVH, hd] stored at (slots[m], pos[m]); slot K (out of range)
     writes nowhere."""
-    dt, b = cache["k"].dtype, cache["k"].shape[-1]
-    return {"k": cache["k"].at[slots, :, pos // b, :, pos % b].set(k[:, 0].astype(dt),
-                                                                   mode="drop"),
+    dt, blk = cache["k"].dtype, cache["k"].shape[-1]
+    return {"k": cache["k"].at[slots, :, pos // blk, :, pos % blk].set(k[:, 0].astype(dt),
+                                                                       mode="drop"),
             "v": cache["v"].at[slots, :, pos].set(v[:, 0].astype(dt), mode="drop")}
 
 
