@@ -1,6 +1,7 @@
-"""The rollout engine's static options and cache geometry: what ``engine.engine_decode``
-compiles (``EngineOptions``, hashable), its drain sizes, how many cache positions a slot
-gets, and the ``generate`` keywords of a ``rollout`` config block. No arrays, no jit."""
+"""The samplers' static options and the engine's cache geometry: what ``sampler.decode``
+(``DecodeOptions``) and ``engine.engine_decode`` (``EngineOptions``, the same plus the
+engine's own) compile, both hashable; the engine's drain sizes, how many cache positions a
+slot gets, and the ``generate`` keywords of a ``rollout`` config block. No arrays, no jit."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,16 +15,33 @@ from espo_jax.rollout.kv_attention import DECODE_READ
 
 
 @dataclasses.dataclass(frozen=True)
-class EngineOptions:
-    """Static (compile-time) options of ``engine.engine_decode``; hashable.
+class DecodeOptions:
+    """The static (compile-time) options of ``sampler.decode`` (one static batch);
+    ``EngineOptions`` extends them. Hashable.
 
-    max_new_tokens N (the output width; per-row budgets may be smaller);
+    max_new_tokens N (the output width; per-row budgets may be smaller); top_k (0 = off);
+    greedy (argmax, ignores temperature / filters); use_top_p (apply the sorting nucleus
+    filter); pad_id written after a row finished; cache_dtype of the KV cache (None = the
+    model's compute dtype); sampling: ``sampling.sample_rows``'s method.
+    """
+    max_new_tokens: int
+    top_k: int = 0
+    greedy: bool = False
+    use_top_p: bool = False
+    pad_id: int = 0
+    cache_dtype: Any = None
+    sampling: str = "gumbel"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineOptions(DecodeOptions):
+    """Static (compile-time) options of ``engine.engine_decode``: ``DecodeOptions``'s, then
+    the engine's own (keyword-only); hashable.
+
     max_concurrent K slots; prefill_chunk C packed prompt tokens per prefill-heavy step
     (at most K x the prompt width are used); kv_block positions per attention block (the
     cache length is a multiple of it); decode_sizes: descending batch sizes of the decode step,
-    the first = K; sampling flags and pad_id as in ``sampler.DecodeOptions``;
-    cache_dtype (None = the model's compute dtype); sampling: ``sampling.sample_rows``'s
-    method; prefill_tokens: packed prompt tokens per mixed step while at least K/2 slots
+    the first = K; prefill_tokens: packed prompt tokens per mixed step while at least K/2 slots
     decode (0 or >= C: C, one mixed step size); routed_width: MoE models only, the
     left-padded prompt width P0 of the routed-experts output (``sampler.Rollout``'s layout
     [B, P0 + N, L, k]); attention: the cache layout and attention implementation,
@@ -34,17 +52,10 @@ class EngineOptions:
     the XLA layout's decode steps read a cache of at most this many positions whole, in
     place, a longer one block by block (``kv_attention.ragged_decode_attention``).
     """
-    max_new_tokens: int
     max_concurrent: int
     prefill_chunk: int
     kv_block: int
     decode_sizes: tuple
-    top_k: int = 0
-    greedy: bool = False
-    use_top_p: bool = False
-    pad_id: int = 0
-    cache_dtype: Any = None
-    sampling: str = "gumbel"
     prefill_tokens: int = 0
     routed_width: int = 0
     attention: str = "xla"

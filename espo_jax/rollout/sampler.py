@@ -18,7 +18,6 @@ temperature, top_p, the stop tokens' values and the key are traced.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from espo_jax.rollout import engine, paged_attention
+from espo_jax.rollout.engine_options import DecodeOptions
 from espo_jax.rollout.sampling import SAMPLING_METHODS, sample_rows, token_keys
 
 
@@ -83,23 +83,6 @@ def _last_logits(model, w, ids, positions, kv_mask, cache, cache_index):
         return_routing=True)
     logits = jnp.dot(hidden[:, -1].astype(jnp.float32), w, preferred_element_type=jnp.float32)
     return logits, cache, None if routing is None else routing["experts"]
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeOptions:
-    """The static (compile-time) options of ``decode``; hashable.
-
-    max_new_tokens N; top_k (0 = off); greedy (argmax, ignores temperature / filters);
-    use_top_p (apply the sorting nucleus filter); pad_id written after a row finished;
-    cache_dtype of the KV cache (None = the model's compute dtype).
-    """
-    max_new_tokens: int
-    top_k: int = 0
-    greedy: bool = False
-    use_top_p: bool = False
-    pad_id: int = 0
-    cache_dtype: Any = None
-    sampling: str = "gumbel"
 
 
 def decode(
@@ -369,10 +352,10 @@ def generate(
     graphdef, state = nnx.split(model)
     traced = (key, jnp.asarray(1.0 if greedy else temperature, jnp.float32),
               jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_array(eos_id)))
+    options = DecodeOptions(max_new_tokens=n_max, top_k=int(top_k), greedy=bool(greedy),
+                            use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
+                            cache_dtype=cache_dtype, sampling=sampling)
     if max_concurrent is None:
-        options = DecodeOptions(max_new_tokens=n_max, top_k=int(top_k),
-                                greedy=bool(greedy), use_top_p=bool(top_p < 1.0),
-                                pad_id=int(pad_id), cache_dtype=cache_dtype, sampling=sampling)
         out = (decode_fn or decode_jit)(
             graphdef, options, state, jnp.asarray(ids), jnp.asarray(mask), *traced,
             jnp.asarray(budgets))
@@ -384,10 +367,8 @@ def generate(
         block = min(int(kv_block), bucket_length(plen + n_max))
         k = min(int(max_concurrent), ids.shape[0])
         options = engine.EngineOptions(
-            max_new_tokens=n_max, max_concurrent=k, prefill_chunk=int(prefill_chunk),
-            kv_block=block, decode_sizes=engine.default_decode_sizes(k), top_k=int(top_k),
-            greedy=bool(greedy), use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
-            cache_dtype=cache_dtype, sampling=sampling,
+            **vars(options), max_concurrent=k, prefill_chunk=int(prefill_chunk),
+            kv_block=block, decode_sizes=engine.default_decode_sizes(k),
             prefill_tokens=engine.DEFAULT_PREFILL_TOKENS if prefill_tokens is None
             else int(prefill_tokens),
             routed_width=plen if model.config.is_moe else 0, attention=attention)

@@ -227,9 +227,9 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
         key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
         eos = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep)
         ek = engine_kwargs(r)
+        opts = DecodeOptions(max_new_tokens=shapes.response_len, top_k=int(r.top_k),
+                             greedy=False, use_top_p=bool(float(r.top_p) < 1.0), pad_id=0)
         if ek["max_concurrent"] is None:  # one static batch of all rollout rows
-            opts = DecodeOptions(max_new_tokens=shapes.response_len, top_k=int(r.top_k),
-                                 greedy=False, use_top_p=bool(float(r.top_p) < 1.0), pad_id=0)
             batch = abstract_batch(config, b, shapes.rollout_rows, shapes, train=False)
             budgets = jax.ShapeDtypeStruct((shapes.rollout_rows,), jnp.int32,
                                            sharding=b["rows"])
@@ -245,11 +245,9 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
             chunk = min(ek["prefill_chunk"], shapes.prompt_len)
             width = -(-shapes.prompt_len // chunk) * chunk
             opts = engine.EngineOptions(
-                max_new_tokens=shapes.response_len, max_concurrent=k,
-                prefill_chunk=ek["prefill_chunk"],
+                **vars(opts), max_concurrent=k, prefill_chunk=ek["prefill_chunk"],
                 kv_block=min(ek["kv_block"], bucket_length(width + shapes.response_len)),
-                decode_sizes=engine.default_decode_sizes(k), top_k=int(r.top_k),
-                use_top_p=bool(float(r.top_p) < 1.0),
+                decode_sizes=engine.default_decode_sizes(k),
                 prefill_tokens=engine.DEFAULT_PREFILL_TOKENS,
                 routed_width=(bucket_length(shapes.prompt_len)
                               if b["cfg"].is_moe else 0),  # MoE: experts recorded
