@@ -15,7 +15,11 @@ tokens/s (response tokens up to the stop) of the engine with K=--ragged-k slots 
 static sampler run on consecutive batches of K prompts (each batch runs until its longest
 row ends). Also the forward steps each ran, and the fewest any K-slot continuous batching
 needs for the same lengths (``fifo_steps``): a step reads every weight whatever its row
-count, so where that read dominates the step counts bound the ratio.
+count, so where that read dominates the step counts bound the ratio. The key decides the
+lengths (and the static batches draw others than the engine: a row's key is its index in
+its call), so one key's ratio is noisy; --seeds S runs keys 0..S-1 and pools them (total
+useful tokens / total seconds of each sampler). "Same lengths" cuts the static batches at
+the engine's lengths: the controlled comparison.
 
 Decode-step breakdown (--breakdown): the per-token cost of the parts of a greedy decode
 step at B rows (the unembedding, then the unembedding plus: a flat argmax; the sampler's
@@ -27,6 +31,7 @@ Medians over --reps runs after one warm-up (the JAX compile).
 
     .venv/bin/python experiments/benchmarks/sampler.py            # 16 x 32 prompt, 128 new
     .venv/bin/python experiments/benchmarks/sampler.py --ragged   # 64 ragged prompts, K=16
+    .venv/bin/python experiments/benchmarks/sampler.py --ragged --seeds 8  # pooled over 8 keys
     .venv/bin/python experiments/benchmarks/sampler.py --breakdown  # decode step's parts
     .venv/bin/python experiments/benchmarks/sampler.py --quick    # seconds, for smoke tests
 """
@@ -87,14 +92,32 @@ def fifo_steps(lengths, k: int) -> int:
 
 
 def ragged(model, args):
-    """Continuous batching (K slots) vs static batches of K prompts; useful tokens/s."""
+    """Continuous batching (K slots) vs static batches of K prompts; useful tokens/s, for
+    each key in 0..--seeds-1, then pooled over the keys (total tokens / total seconds)."""
     v = MODEL["vocab_size"]
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, v, size=int(n)).tolist()
                for n in rng.integers(8, 65, size=args.ragged_prompts)]
     stops = rng.choice(np.arange(1, v), size=v // 40, replace=False).tolist()
     k, cap = args.ragged_k, args.ragged_cap
-    kw = dict(max_new_tokens=cap, temperature=1.0, key=jax.random.key(0), eos_id=stops,
+    print(f"\nragged workload: {len(prompts)} prompts (8..64 tokens), T=1, {len(stops)} stop "
+          f"ids, cap {cap}, {args.sampling} sampling; Qwen3 {MODEL['hidden_size']}d x "
+          f"{MODEL['num_hidden_layers']} layers, vocab {v}; jax {jax.__version__} "
+          f"({jax.devices()[0].platform}); median of {args.reps}")
+    pooled = np.zeros((3, 2))  # (engine, static, same lengths) x (seconds, useful tokens)
+    for seed in range(args.seeds):
+        pooled += ragged_seed(model, args, prompts, stops, seed)
+    if args.seeds > 1:
+        (s_e, u_e), (s_s, u_s), (s_l, u_l) = pooled
+        print(f"\npooled over keys 0..{args.seeds - 1}: continuous / static useful tokens/s "
+              f"{(u_e / s_e) / (u_s / s_s):.2f}x; with the same lengths "
+              f"{(u_e / s_e) / (u_l / s_l):.2f}x")
+
+
+def ragged_seed(model, args, prompts, stops, seed: int) -> np.ndarray:
+    """One key's runs and table; returns [[seconds, useful tokens]] of the three runs."""
+    k, cap = args.ragged_k, args.ragged_cap
+    kw = dict(max_new_tokens=cap, temperature=1.0, key=jax.random.key(seed), eos_id=stops,
               sampling=args.sampling)
 
     stats = {}
@@ -136,11 +159,7 @@ def ragged(model, args):
         for name, run in runs.items():
             times[name].append(timed(run, 1))
     rows = {name: (statistics.median(times[name]), *rows[name]) for name in runs}
-    print(f"\nragged workload: {len(prompts)} prompts (8..64 tokens), T=1, {len(stops)} stop "
-          f"ids, cap {cap}, {args.sampling} sampling; Qwen3 {MODEL['hidden_size']}d x "
-          f"{MODEL['num_hidden_layers']} "
-          f"layers, vocab {v}; jax {jax.__version__} ({jax.devices()[0].platform}); "
-          f"median of {args.reps}")
+    print(f"\nkey {seed}:")
     print(f"{'sampler':<24} {'seconds':>9} {'useful tok':>11} {'tok/s':>9} "
           f"{'len mean/max':>13}")
     for name, (secs, useful, lengths) in rows.items():
@@ -160,6 +179,7 @@ def ragged(model, args):
           f"{sum(steps)} ({steps[0]} mixed prefill + decode of {k} rows, {by_size}); "
           f"fewest possible with {k} slots {floor}: static / that = "
           f"{static_steps / floor:.2f}x")
+    return np.array([[secs, useful] for secs, useful, _ in rows.values()], float)
 
 
 def breakdown(model, hf_step: float, jax_step: float, b: int, reps: int) -> None:
@@ -212,6 +232,8 @@ def main():
     ap.add_argument("--ragged-prompts", type=int, default=64)
     ap.add_argument("--ragged-k", type=int, default=16)
     ap.add_argument("--ragged-cap", type=int, default=256)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="ragged: run keys 0..seeds-1 (each draws other lengths) and pool them")
     ap.add_argument("--prefill-tokens", type=int, default=None,
                     help="the engine's packed prompt tokens per mixed step (default: its own)")
     ap.add_argument("--sampling", default="gumbel", choices=("gumbel", "inverse_cdf"))
@@ -221,6 +243,7 @@ def main():
     if args.ragged:
         if args.quick:
             args.ragged_prompts, args.ragged_k, args.ragged_cap, args.reps = 8, 4, 32, 1
+            args.seeds = min(args.seeds, 2)
         with tempfile.TemporaryDirectory() as tmp:
             _, model = build_models(tmp)
         ragged(model, args)
