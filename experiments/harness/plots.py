@@ -51,21 +51,32 @@ def _band(ax, res: VariantResult, key: str, color, *, min_step: int = 0, label=N
         ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.18, lw=0)
 
 
-def plot_accuracy(results, path: pathlib.Path, *, target: float | None = None, title=""):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
-    for res, c in zip(results, _colors(len(results))):
-        _band(ax, res, "eval_accuracy", c)
-    if target is not None:
-        ax.axhline(target, color="grey", ls=":", lw=1, label=f"target {target:.2f}")
-    ax.set(xlabel="step", ylabel="greedy eval accuracy",
-           title=title or "Eval accuracy (mean over seeds; band = min..max)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+def _save(plt, fig, path: pathlib.Path) -> pathlib.Path:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _metric_plot(results, path: pathlib.Path, key: str, ylabel: str, title: str, *,
+                 min_step: int = 1, target: float | None = None) -> pathlib.Path:
+    """One panel: ``key`` over steps, one band (mean over seeds, min..max) per result."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
+    for res, c in zip(results, _colors(len(results))):
+        _band(ax, res, key, c, min_step=min_step)
+    if target is not None:
+        ax.axhline(target, color="grey", ls=":", lw=1, label=f"target {target:.2f}")
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(plt, fig, path)
+
+
+def plot_accuracy(results, path: pathlib.Path, *, target: float | None = None, title=""):
+    return _metric_plot(results, path, "eval_accuracy", "greedy eval accuracy",
+                        title or "Eval accuracy (mean over seeds; band = min..max)",
+                        min_step=0, target=target)
 
 
 def plot_clip(results, path: pathlib.Path, *, title=""):
@@ -82,10 +93,7 @@ def plot_clip(results, path: pathlib.Path, *, title=""):
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(title or "Clip fractions per update (mean over seeds; band = min..max)",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_entropy_clip(res: VariantResult, path: pathlib.Path, *, title=""):
@@ -104,10 +112,7 @@ def plot_entropy_clip(res: VariantResult, path: pathlib.Path, *, title=""):
     ax.legend(h[0] + h2[0], h[1] + h2[1], fontsize=8, loc="upper center")
     ax.grid(alpha=0.3)
     ax.set_title(title or f"{res.variant.name}: entropy and clip fraction over training")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_groups(res: VariantResult, path: pathlib.Path, *, title="") -> pathlib.Path | None:
@@ -129,25 +134,12 @@ def plot_groups(res: VariantResult, path: pathlib.Path, *, title="") -> pathlib.
         ax.legend(fontsize=8)
     fig.suptitle(title or f"{res.variant.name}: per-group metrics (group 0 = highest entropy)",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_length(results, path: pathlib.Path, *, title=""):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
-    for res, c in zip(results, _colors(len(results))):
-        _band(ax, res, "response_len_mean", c, min_step=1)
-    ax.set(xlabel="step", ylabel="mean response length (tokens)",
-           title=title or "Response length (sampled, mean over seeds; band = min..max)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _metric_plot(results, path, "response_len_mean", "mean response length (tokens)",
+                        title or "Response length (sampled, mean over seeds; band = min..max)")
 
 
 def plot_minibatch_clip(results, path: pathlib.Path, *, max_updates: int = 4, title=""):
@@ -171,26 +163,13 @@ def plot_minibatch_clip(results, path: pathlib.Path, *, max_updates: int = 4, ti
     axes[0].legend(fontsize=7)
     fig.suptitle(title or "Clip fraction per minibatch update (mean over seeds; band = "
                  "min..max)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_entropy(results, path: pathlib.Path, *, title=""):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
-    for res, c in zip(results, _colors(len(results))):
-        _band(ax, res, "entropy_mean", c, min_step=1)
-    ax.set(xlabel="step", ylabel="mean token entropy (nats)",
-           title=title or "Old-policy entropy of sampled tokens (mean over seeds; band = "
-                          "min..max)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _metric_plot(results, path, "entropy_mean", "mean token entropy (nats)",
+                        title or "Old-policy entropy of sampled tokens (mean over seeds; "
+                                 "band = min..max)")
 
 
 def plot_group_clip_vs_entropy(res: VariantResult, path: pathlib.Path, *, title=""
@@ -219,7 +198,4 @@ def plot_group_clip_vs_entropy(res: VariantResult, path: pathlib.Path, *, title=
         fig.colorbar(sc, ax=ax, label="step")
     fig.suptitle(title or f"{res.variant.name}: group clip fraction vs entropy (seed means)",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
