@@ -99,7 +99,7 @@ def ragged(model, args):
     prompts = [rng.integers(1, v, size=int(n)).tolist()
                for n in rng.integers(8, 65, size=args.ragged_prompts)]
     stops = rng.choice(np.arange(1, v), size=v // 40, replace=False).tolist()
-    k, cap = args.ragged_k, args.ragged_cap
+    cap = args.ragged_cap
     print(f"\nragged workload: {len(prompts)} prompts (8..64 tokens), T=1, {len(stops)} stop "
           f"ids, cap {cap}, {args.sampling} sampling; Qwen3 {MODEL['hidden_size']}d x "
           f"{MODEL['num_hidden_layers']} layers, vocab {v}; jax {jax.__version__} "
@@ -240,6 +240,8 @@ def main():
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the decode step's parts (uniform workload)")
     args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.ragged:
         if args.quick:
             args.ragged_prompts, args.ragged_k, args.ragged_cap, args.reps = 8, 4, 32, 1
