@@ -52,7 +52,6 @@ def test_decode_attention_equals_float64_reference(read, gather):
                                   jnp.asarray(kv_len), read=read)
     np.testing.assert_allclose(np.asarray(got), _reference(q, kc, vc, slots, kv_len),
                                atol=2e-6, rtol=2e-6)
-    # The general (prefill) path agrees, with each query at position kv_len - 1.
     # The general (prefill) path agrees, with each query at position kv_len - 1, reading
     # whole blocks or sub-blocks of the cache's.
     for block in (BLOCK, BLOCK // 4):
