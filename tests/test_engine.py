@@ -90,6 +90,26 @@ def test_sampled_responses_identical_for_every_k(sampled):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [None, 3])
+def test_split_calls_with_first_row_give_the_one_call_responses(models, sampled, k):
+    """A rollout split into calls over consecutive slices of the prompts, each passing its
+    first row (``first_row`` = the slice's start x num_samples), gives the responses of one
+    call: static batch and engine. A slice without it draws other responses."""
+    _, model, _ = models
+    kw = dict(max_new_tokens=N, temperature=0.7, key=jax.random.key(3), eos_id=[1, 2, 3],
+              num_samples=3, max_concurrent=k, **SMALL)
+    ref = sampled[None]
+    parts = [generate(model, PROMPTS[i:i + 2], first_row=3 * i, **kw) for i in (0, 2)]
+    for name in ("tokens", "lengths", "mask"):
+        np.testing.assert_array_equal(
+            np.concatenate([np.asarray(getattr(p, name)) for p in parts]),
+            np.asarray(getattr(ref, name)), err_msg=name)
+    np.testing.assert_allclose(np.concatenate([np.asarray(p.logprobs) for p in parts]),
+                               np.asarray(ref.logprobs), rtol=1e-5, atol=1e-5)
+    alone = generate(model, PROMPTS[2:], **kw)  # first_row 0: rows 0-5's keys
+    assert not np.array_equal(np.asarray(alone.tokens), np.asarray(ref.tokens)[6:])
+
+
 def test_block_by_block_decode_same_responses(models, sampled, monkeypatch):
     """Decode attention over a cache longer than ``decode_read`` (the paper's 16k): one
     block per loop iteration, stopping at the longest live row. Same tokens for K = 3 and
@@ -152,6 +172,9 @@ def test_engine_bad_input(models):
         generate(model, [[1], [2]], max_new_tokens=[4, 0], max_concurrent=2, **kw)
     with pytest.raises(ValueError, match=r"prompt 1 has 2 tokens \+ max_new_tokens=63"):
         generate(model, [[1], [2, 3]], max_new_tokens=[4, 63], max_concurrent=2, **kw)
+    for bad in (-1, True, 2**30, 1.0):
+        with pytest.raises(ValueError, match="first_row must be an int"):
+            generate(model, [[1]], max_new_tokens=4, first_row=bad, **kw)
 
 
 def test_drain_sizes():
@@ -257,6 +280,14 @@ def test_sharded_decode_weights_same_tokens(models, sampled):
     np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(sampled[3].tokens))
     np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(sampled[3].logprobs),
                                rtol=1e-5, atol=1e-5)
+    # A later slice of the rollout (prompts 2, 3 from row 6; 12 rows, so the shards
+    # split them): the shards' keys follow first_row.
+    ro = generate(dec, PROMPTS[2:] * 2, max_new_tokens=N, temperature=0.7,
+                  key=jax.random.key(3), eos_id=[1, 2, 3], num_samples=3, max_concurrent=3,
+                  **SMALL, first_row=6,
+                  engine_fn=sharded_engine_fn(make_mesh(dict(data=2, fsdp=2, tensor=2))))
+    assert ro.tokens.sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(ro.tokens)[:6], np.asarray(sampled[3].tokens)[6:])
     # compute dtype copy: a bf16-compute model with f32 masters gets bf16 decode weights
     bf = decode_model(from_pretrained(path, dtype=jnp.bfloat16))
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(nnx.state(bf, nnx.Param)))

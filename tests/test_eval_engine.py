@@ -1,6 +1,6 @@
 """Evaluation through the rollout engine on a mesh: with rollout.max_concurrent > 0 and
 weights on 8 CPU devices, evaluate() runs the per-device sharded engine (as the training
-rollout does) and gives the same metrics as one device."""
+rollout does) and gives the same metrics as one device, and as smaller eval batches."""
 import pathlib
 import sys
 
@@ -53,3 +53,8 @@ def test_eval_on_a_mesh_uses_the_sharded_engine_and_equals_one_device(monkeypatc
     for name, value in ref.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-6, err_msg=name)
     assert 0 < ref["eval_response_len_mean"] < config.eval.max_new_tokens
+    # Batches of 4 prompts (each call passes its first row): the same responses.
+    config.eval.batch_size = 4
+    small = evaluate(model1, task, tok, config, key=key)
+    for name, value in ref.items():
+        np.testing.assert_allclose(small[name], value, rtol=1e-6, err_msg=name)

@@ -203,7 +203,7 @@ def test_decode_fn_hook_with_batch_sharding(models, greedy):
     mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
     rows = NamedSharding(mesh, PartitionSpec("data"))
     fn = jax.jit(decode, static_argnums=STATIC_ARGNUMS,
-                 in_shardings=(None, rows, rows, None, None, None, None, rows),
+                 in_shardings=(None, rows, rows, None, None, None, None, rows, rows),
                  out_shardings=(rows, rows, rows))
     ro = generate(model, PROMPTS, max_new_tokens=N, temperature=0.0, key=jax.random.key(0),
                   eos_id=None, decode_fn=fn)

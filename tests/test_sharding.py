@@ -409,6 +409,11 @@ def test_sharded_rollout_samples_the_same_tokens(sharded_model, mesh_fsdp_tp):
     assert got.tokens.sharding.spec == P(("data", "fsdp"))
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+    # The second half alone (its row ids from first_row): the same rows, still split.
+    half = generate(sharded_model, prompts[2:], decode_fn=sharded_decode_fn(mesh_fsdp_tp),
+                    first_row=4, **kw)
+    assert half.tokens.sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(half.tokens), np.asarray(ref.tokens)[4:])
 
 
 def test_shard_module_moves_an_existing_model(mesh_fsdp_tp):

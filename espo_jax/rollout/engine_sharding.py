@@ -23,7 +23,8 @@ def sharded_engine_fn(mesh, axes=("data", "fsdp")):
     """An ``engine_fn`` for ``generate`` that runs one engine per batch shard: the rows
     split over ``axes`` of ``mesh`` (contiguous blocks), each device decodes its rows
     with its own ceil(K / shards) slots and its own loop (no cross-device sync per
-    token), keys from the global row indices (so the same tokens as on one device).
+    token), keys from the global row indices (``row_ids``, default arange(B): the same
+    tokens as on one device).
     Weights enter replicated (pass ``decode_model``'s copy; a TP split is gathered at
     entry). Batches that do not divide the shards use ``engine_jit``. Cached per (mesh,
     axes), so the training rollout and evaluation share one compiled program.
@@ -44,14 +45,18 @@ def sharded_engine_fn(mesh, axes=("data", "fsdp")):
             out_specs=(rows,) * (5 if options.routed_width else 4))(
                 state, prompts, prompt_len, budgets, key, temperature, top_p, eos_ids, row_ids)
 
-    def fn(graphdef, options, state, prompts, *rest):
+    def fn(graphdef, options, state, prompts, prompt_len, budgets, key, temperature, top_p,
+           eos_ids, row_ids=None):  # engine_decode's signature
         b = prompts.shape[0]
+        rest = (prompt_len, budgets, key, temperature, top_p, eos_ids)
+        if row_ids is None:
+            row_ids = jnp.arange(b, dtype=jnp.int32)
         if shards == 1 or b % shards:
-            return engine_jit(graphdef, options, state, prompts, *rest)
+            return engine_jit(graphdef, options, state, prompts, *rest, row_ids)
         local = dataclasses.replace(
             options, max_concurrent=-(-options.max_concurrent // shards),
             decode_sizes=default_decode_sizes(-(-options.max_concurrent // shards)))
-        return run(graphdef, local, state, prompts, *rest, jnp.arange(b, dtype=jnp.int32))
+        return run(graphdef, local, state, prompts, *rest, row_ids)
 
     return fn
 

@@ -49,13 +49,14 @@ class Rollout(NamedTuple):
                              above 256 experts): Qwen3-30B-A3B records 384 ids per token
 
     Randomness: token t of row i (rows in output order: prompt-major, the G samples of a
-    prompt consecutive) is drawn with ``fold_in(fold_in(key, i), t)``
-    (``sampling.token_keys``), so the same key gives the same responses whatever the
-    batch layout: static batch or continuous batching with any ``max_concurrent``, any
-    prompt bucket, any mesh (up to float rounding of the logits across batch shapes,
-    which can flip a near-tied draw). Before the rollout engine every row drew token t
-    with ``fold_in(key, t)`` and one batched categorical, which tied a row's draws to
-    the batch it ran in.
+    prompt consecutive) is drawn with ``fold_in(fold_in(key, first_row + i), t)``
+    (``sampling.token_keys``; ``generate``'s ``first_row``, default 0), so the same key
+    gives the same responses whatever the batch layout: static batch or continuous
+    batching with any ``max_concurrent``, any prompt bucket, any mesh, and a rollout
+    split into several calls, each passing its first row's index (up to float rounding
+    of the logits across batch shapes, which can flip a near-tied draw). Before the
+    rollout engine every row drew token t with ``fold_in(key, t)`` and one batched
+    categorical, which tied a row's draws to the batch it ran in.
     """
     prompt_tokens: jax.Array
     prompt_mask: jax.Array
@@ -88,17 +89,19 @@ def _last_logits(model, w, ids, positions, kv_mask, cache, cache_index):
 def decode(
     graphdef: nnx.GraphDef, options: DecodeOptions, state: nnx.State, prompt_ids: jax.Array,
     prompt_mask: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
-    eos_ids: jax.Array, budgets: jax.Array,
+    eos_ids: jax.Array, budgets: jax.Array, row_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Prefill + decode loop; pure. Jit it with ``static_argnums=STATIC_ARGNUMS``
-    (``decode_jit``), adding in/out shardings for the 8 array arguments if wanted.
+    (``decode_jit``), adding in/out shardings for the 9 array arguments if wanted
+    (``generate`` passes all of them).
 
     state: the model's nnx.State; prompt_ids i32[B, P] left-padded, prompt_mask i32[B, P]
     (each row ends in a real token), key a PRNG key, temperature / top_p f32 scalars,
-    eos_ids i32[E] (E may be 0), budgets i32[B] in [1, N] (max new tokens of each row)
+    eos_ids i32[E] (E may be 0), budgets i32[B] in [1, N] (max new tokens of each row),
+    row_ids i32[B]: each row's index for its keys (default arange(B))
     -> (tokens i32[B, N], mask f32[B, N], logprobs f32[B, N]), plus routed_experts
     u8[B, P + N, L, k] for an MoE model (``Rollout``).
-    Token t of row i is drawn with ``token_keys``: ``fold_in(fold_in(key, i), t)``.
+    Token t of row i is drawn with ``token_keys``: ``fold_in(fold_in(key, row_ids[i]), t)``.
     """
     model = nnx.merge(graphdef, state)
     batch, plen = prompt_ids.shape
@@ -106,7 +109,8 @@ def decode(
     prompt_mask = prompt_mask.astype(jnp.int32)
     prompt_len = prompt_mask.sum(axis=1)                                  # [B]
     kv_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n), jnp.int32)], axis=1)
-    rows = jnp.arange(batch, dtype=jnp.int32)
+    rows = (jnp.arange(batch, dtype=jnp.int32) if row_ids is None
+            else row_ids.astype(jnp.int32))
     sample_ = functools.partial(sample_rows, temperature=temperature, top_p=top_p,
                                 top_k=options.top_k, greedy=options.greedy,
                                 use_top_p=options.use_top_p, method=options.sampling)
@@ -260,7 +264,7 @@ def generate(
     cache_dtype: Any = None, decode_fn: Callable | None = None,
     max_concurrent: int | None = None, prefill_chunk: int = 512, kv_block: int = 256,
     engine_fn: Callable | None = None, sampling: str = "gumbel",
-    prefill_tokens: int | None = None, attention: str = "auto",
+    prefill_tokens: int | None = None, attention: str = "auto", first_row: int = 0,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt with a KV cache, in one jitted call.
 
@@ -295,6 +299,9 @@ def generate(
     engine_fn: the same for ``engine.engine_decode`` (default ``engine.engine_jit``).
     sampling: "gumbel" (reproducible across batch layouts) or "inverse_cdf" (cheaper on
       CPU; see ``sampling.sample_rows``).
+    first_row: the index of this call's first row in a bigger rollout (>= 0): row i
+      draws as row first_row + i, so calls over consecutive slices of the prompts
+      (first_row = the slice's start x num_samples) give the responses of one call.
     Returns a ``Rollout`` (rows in input order); arrays stay on device (no host sync).
     """
     if temperature < 0:
@@ -305,6 +312,9 @@ def generate(
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(first_row, bool) or not isinstance(first_row, (int, np.integer)) \
+            or not 0 <= first_row < 2**30:  # row ids are int32
+        raise ValueError(f"first_row must be an int in [0, 2**30), got {first_row!r}")
     if sampling not in SAMPLING_METHODS:
         raise ValueError(f"sampling must be one of {SAMPLING_METHODS}, got {sampling!r}")
     if max_concurrent is not None and (isinstance(max_concurrent, bool)
@@ -352,13 +362,14 @@ def generate(
     graphdef, state = nnx.split(model)
     traced = (key, jnp.asarray(1.0 if greedy else temperature, jnp.float32),
               jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_array(eos_id)))
+    row_ids = jnp.arange(first_row, first_row + ids.shape[0], dtype=jnp.int32)
     options = DecodeOptions(max_new_tokens=n_max, top_k=int(top_k), greedy=bool(greedy),
                             use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
                             cache_dtype=cache_dtype, sampling=sampling)
     if max_concurrent is None:
         out = (decode_fn or decode_jit)(
             graphdef, options, state, jnp.asarray(ids), jnp.asarray(mask), *traced,
-            jnp.asarray(budgets))
+            jnp.asarray(budgets), row_ids)
         tokens, out_mask, logprobs = out[:3]
         routed = out[3] if len(out) > 3 else None
         lengths = out_mask.sum(-1).astype(jnp.int32)
@@ -375,7 +386,7 @@ def generate(
         right, plens = engine.right_align(ids, mask, chunk, pad_id)
         out = (engine_fn or engine.engine_jit)(
             graphdef, options, state, jnp.asarray(right), jnp.asarray(plens),
-            jnp.asarray(budgets), *traced)
+            jnp.asarray(budgets), *traced, row_ids)
         tokens, lengths, logprobs = out[:3]
         routed = out[4] if len(out) > 4 else None
         out_mask = (jnp.arange(n_max)[None, :] < lengths[:, None]).astype(jnp.float32)

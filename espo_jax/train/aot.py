@@ -121,7 +121,7 @@ def build(config, mesh, num_layers: int | None = None) -> dict:
     from espo_jax.rollout import STATIC_ARGNUMS, decode  # noqa: PLC0415
 
     decode_jit = jax.jit(decode, static_argnums=STATIC_ARGNUMS,
-                         in_shardings=(None, rows, rows, None, None, None, None, rows),
+                         in_shardings=(None, rows, rows, None, None, None, None, rows, rows),
                          out_shardings=rows)  # 3 outputs, or 4 for MoE
     return dict(cfg=cfg, model=model, sampler=sampler, tx=tx, shardings=sh, rows=rows,
                 score=mesh_lib.under_mesh(score, mesh), train_step=mesh_lib.under_mesh(step, mesh),
@@ -234,7 +234,8 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
             budgets = jax.ShapeDtypeStruct((shapes.rollout_rows,), jnp.int32,
                                            sharding=b["rows"])
             c, s = _timed(b["decode"], graphdef, opts, sampler_state, batch["prompt_tokens"],
-                          batch["prompt_mask"], key, scalar, scalar, eos, budgets)
+                          batch["prompt_mask"], key, scalar, scalar, eos, budgets,
+                          budgets)  # row_ids: i32[rows], as the budgets
         else:
             # Continuous batching: each device runs its own engine over its rows with
             # ceil(K / shards) slots (``engine_sharding.sharded_engine_fn``), weights
@@ -262,7 +263,8 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
             i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=one)  # noqa: E731
             dev = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one)  # noqa: E731
             c, s = _timed(engine.engine_jit, graphdef, opts, local, i32(rows, width),
-                          i32(rows), i32(rows), dev(key), dev(scalar), dev(scalar), dev(eos))
+                          i32(rows), i32(rows), dev(key), dev(scalar), dev(scalar), dev(eos),
+                          i32(rows))
         out["rollout"] = dict(memory(c), compile_s=s)
     out["_cfg"] = b["cfg"]
     return out

@@ -27,7 +27,9 @@ from espo_jax.train.tasks import Task, decode_responses, encode_prompts, stop_to
 def _sample_and_score(model, task: Task, tokenizer, config, examples, prompts, *, k: int,
                       temperature: float, key: jax.Array, decode_fn, engine: dict):
     """(rewards f32[n*k], gradable bool[n*k], lengths int[n*k]) of k responses per prompt,
-    the k samples of a prompt adjacent."""
+    the k samples of a prompt adjacent. The prompts go in batches of ``eval.batch_size``,
+    each drawing as its rows of one call (``first_row``): the batch size changes no
+    response."""
     ecfg = config.eval
     stop_ids = stop_token_ids(tokenizer, config.model.path)
     bs = int(ecfg.batch_size) if ecfg.batch_size and ecfg.batch_size > 0 else len(prompts)
@@ -37,7 +39,7 @@ def _sample_and_score(model, task: Task, tokenizer, config, examples, prompts, *
         n_real = len(chunk)
         chunk = chunk + [chunk[-1]] * (bs - n_real)       # constant shape -> one compile
         ro = generate(model, chunk, max_new_tokens=int(ecfg.max_new_tokens),
-                      temperature=temperature, key=jax.random.fold_in(key, start),
+                      temperature=temperature, key=key, first_row=start * k,
                       eos_id=stop_ids, num_samples=k,
                       pad_id=tokenizer.pad_token_id, decode_fn=decode_fn,
                       **engine)

@@ -229,7 +229,7 @@ def sharded_decode_fn(mesh: Mesh):
 
     rows = batch_sharding(mesh)
     sharded = jax.jit(decode, static_argnums=STATIC_ARGNUMS,
-                      in_shardings=(None, rows, rows, None, None, None, None, rows),
+                      in_shardings=(None, rows, rows, None, None, None, None, rows, rows),
                       out_shardings=rows)  # every output (3, or 4 for MoE) row-split
     div = batch_divisor(mesh)
 

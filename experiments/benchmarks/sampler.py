@@ -15,11 +15,11 @@ tokens/s (response tokens up to the stop) of the engine with K=--ragged-k slots 
 static sampler run on consecutive batches of K prompts (each batch runs until its longest
 row ends). Also the forward steps each ran, and the fewest any K-slot continuous batching
 needs for the same lengths (``fifo_steps``): a step reads every weight whatever its row
-count, so where that read dominates the step counts bound the ratio. The key decides the
-lengths (and the static batches draw others than the engine: a row's key is its index in
-its call), so one key's ratio is noisy; --seeds S runs keys 0..S-1 and pools them (total
-useful tokens / total seconds of each sampler). "Same lengths" cuts the static batches at
-the engine's lengths: the controlled comparison.
+count, so where that read dominates the step counts bound the ratio. Each static batch
+passes its first row (``generate(first_row=)``), so it draws the engine's very responses
+(the table counts the rows that match): both samplers produce the same tokens. The key
+decides the lengths, so one key's ratio is noisy; --seeds S runs keys 0..S-1 and pools
+them (total useful tokens / total seconds of each sampler).
 
 Decode-step breakdown (--breakdown): the per-token cost of the parts of a greedy decode
 step at B rows (the unembedding, then the unembedding plus: a flat argmax; the sampler's
@@ -104,18 +104,17 @@ def ragged(model, args):
           f"ids, cap {cap}, {args.sampling} sampling; Qwen3 {MODEL['hidden_size']}d x "
           f"{MODEL['num_hidden_layers']} layers, vocab {v}; jax {jax.__version__} "
           f"({jax.devices()[0].platform}); median of {args.reps}")
-    pooled = np.zeros((3, 2))  # (engine, static, same lengths) x (seconds, useful tokens)
+    pooled = np.zeros((2, 2))  # (engine, static) x (seconds, useful tokens)
     for seed in range(args.seeds):
         pooled += ragged_seed(model, args, prompts, stops, seed)
     if args.seeds > 1:
-        (s_e, u_e), (s_s, u_s), (s_l, u_l) = pooled
+        (s_e, u_e), (s_s, u_s) = pooled
         print(f"\npooled over keys 0..{args.seeds - 1}: continuous / static useful tokens/s "
-              f"{(u_e / s_e) / (u_s / s_s):.2f}x; with the same lengths "
-              f"{(u_e / s_e) / (u_l / s_l):.2f}x")
+              f"{(u_e / s_e) / (u_s / s_s):.2f}x")
 
 
 def ragged_seed(model, args, prompts, stops, seed: int) -> np.ndarray:
-    """One key's runs and table; returns [[seconds, useful tokens]] of the three runs."""
+    """One key's runs and table; returns [[seconds, useful tokens]] of the two samplers."""
     k, cap = args.ragged_k, args.ragged_cap
     kw = dict(max_new_tokens=cap, temperature=1.0, key=jax.random.key(seed), eos_id=stops,
               sampling=args.sampling)
@@ -132,28 +131,16 @@ def ragged_seed(model, args, prompts, stops, seed: int) -> np.ndarray:
                                                prefill_tokens=args.prefill_tokens,
                                                engine_fn=engine_fn, **kw))]
 
-    def static():
-        return [jax.block_until_ready(generate(model, prompts[i:i + k], **kw))
+    def static():  # batch i draws as rows i.. of one call: the engine's responses
+        return [jax.block_until_ready(generate(model, prompts[i:i + k], first_row=i, **kw))
                 for i in range(0, len(prompts), k)]
 
-    # The static batches draw other responses (a row's key is its index in its call), so
-    # also time them with each row cut at the continuous run's length for that prompt
-    # (per-prompt budgets, no stop set): the very same lengths, batch by batch.
-    same = {}
-
-    def static_same():
-        return [jax.block_until_ready(generate(
-            model, prompts[i:i + k], **dict(kw, eos_id=None, max_new_tokens=same["n"][i:i + k])))
-            for i in range(0, len(prompts), k)]
-
-    runs = {"continuous K=%d" % k: engine, "static batches of %d" % k: static,
-            "static, same lengths": static_same}
-    rows, times = {}, {name: [] for name in runs}
+    runs = {"continuous K=%d" % k: engine, "static batches of %d" % k: static}
+    rows, times, tokens = {}, {name: [] for name in runs}, {}
     for name, run in runs.items():
         out = run()  # warm-up: compiles
-        if not same:
-            same["n"] = np.concatenate([np.asarray(r.lengths) for r in out]).tolist()
         lengths = np.concatenate([np.asarray(r.lengths) for r in out])
+        tokens[name] = np.concatenate([np.asarray(r.tokens) for r in out])
         rows[name] = (int(lengths.sum()), lengths)
     for _ in range(args.reps):  # interleaved, so both see the same machine load
         for name, run in runs.items():
@@ -165,17 +152,18 @@ def ragged_seed(model, args, prompts, stops, seed: int) -> np.ndarray:
     for name, (secs, useful, lengths) in rows.items():
         print(f"{name:<24} {secs:>9.3f} {useful:>11d} {useful / secs:>9.1f} "
               f"{lengths.mean():>7.1f}/{lengths.max():<5d}")
-    (s_e, u_e, _), (s_s, u_s, _), (s_l, u_l, _) = rows.values()
-    print(f"continuous / static useful tokens/s: {(u_e / s_e) / (u_s / s_s):.2f}x; "
-          f"with the same lengths: {(u_e / s_e) / (u_l / s_l):.2f}x")
+    (s_e, u_e, _), (s_s, u_s, _) = rows.values()
+    a, b = tokens.values()
+    print(f"continuous / static useful tokens/s: {(u_e / s_e) / (u_s / s_s):.2f}x; the same "
+          f"responses in {int((a == b).all(axis=1).sum())} of {len(a)} rows")
     # Forward steps: every step reads every weight whatever its rows, so where that read
     # dominates a step's cost the step counts bound the ratio.
     steps = np.asarray(stats["steps"]).tolist()
-    n = same["n"]
-    static_steps = sum(max(n[i:i + k]) for i in range(0, len(n), k))
+    n, ns = (r[2].tolist() for r in rows.values())  # the engine's, the static lengths
+    static_steps = sum(max(ns[i:i + k]) for i in range(0, len(ns), k))
     floor = fifo_steps(n, k)
     by_size = ", ".join(f"{c} at {z} rows" for z, c in zip(stats["sizes"], steps[1:]))
-    print(f"forward steps at the same lengths: static {static_steps}; continuous "
+    print(f"forward steps: static {static_steps}; continuous "
           f"{sum(steps)} ({steps[0]} mixed prefill + decode of {k} rows, {by_size}); "
           f"fewest possible with {k} slots {floor}: static / that = "
           f"{static_steps / floor:.2f}x")

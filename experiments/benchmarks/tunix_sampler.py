@@ -232,7 +232,8 @@ def ragged(args) -> None:
 
     def ours_static():
         return np.concatenate([np.asarray(jax.block_until_ready(
-            generate(model, prompts[i:i + k], **kw)).lengths) for i in range(0, len(prompts), k)])
+            generate(model, prompts[i:i + k], first_row=i, **kw)).lengths)
+            for i in range(0, len(prompts), k)])
 
     def tunix_static():
         lengths = []
