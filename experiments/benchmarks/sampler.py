@@ -27,7 +27,8 @@ greedy token and log-prob; a T=1 draw), each timed in a jitted loop of 200 steps
 the whole static decode step and HF's: what bounds the uniform ratio (HF's greedy computes
 no log-probs).
 
-Medians over --reps runs after one warm-up (the JAX compile).
+Medians over --reps runs after one warm-up (the JAX compile), the samplers interleaved rep
+by rep so that they all see the same machine load.
 
     .venv/bin/python experiments/benchmarks/sampler.py            # 16 x 32 prompt, 128 new
     .venv/bin/python experiments/benchmarks/sampler.py --ragged   # 64 ragged prompts, K=16
@@ -262,14 +263,22 @@ def main():
     def engine_run(new):
         return jax_run(new, max_concurrent=b)
 
-    results = {}
-    for name, run in (("jax", jax_run), ("engine", engine_run), ("hf", hf_run)):
-        out_full = run(n)  # warm-up (compiles the JAX buckets)
+    runs = {"jax": jax_run, "engine": engine_run, "hf": hf_run}
+    outs = {}
+    for name, run in runs.items():  # warm-up (compiles the JAX buckets)
+        out_full = run(n)
         run(1)
-        prefill = timed(lambda: run(1), args.reps)
-        full = timed(lambda: run(n), args.reps)
+        outs[name] = np.asarray(out_full[:, p:] if name == "hf" else out_full.tokens)
+    secs = {(name, m): [] for name in runs for m in (1, n)}
+    for _ in range(args.reps):  # interleaved, so all three see the same machine load
+        for name, run in runs.items():
+            for m in (1, n):
+                secs[name, m].append(timed(lambda: run(m), 1))  # noqa: B023 (called here)
+    results = {}
+    for name in runs:
+        prefill, full = (statistics.median(secs[name, m]) for m in (1, n))
         results[name] = dict(prefill=prefill, full=full, decode=max(full - prefill, 1e-9),
-                             out=np.asarray(out_full[:, p:] if name == "hf" else out_full.tokens))
+                             out=outs[name])
 
     same = np.array_equal(results["jax"]["out"], results["hf"]["out"])
     same_engine = np.array_equal(results["engine"]["out"], results["hf"]["out"])
