@@ -402,8 +402,9 @@ def test_engine_equals_static_sampler_with_routing(rollout):
 
 def test_sharded_engine_on_an_expert_mesh_equals_one_device(rollout):
     """The training rollout's path on an FSDP x expert mesh: decode_model gathers the
-    expert / FSDP splits once, one engine per batch shard runs all experts locally (no
-    nested expert-parallel shard_map); the same tokens and recorded experts."""
+    expert / FSDP splits once, one engine per batch shard (the rows split over fsdp AND
+    expert, as the training batch: no device repeats another's rows) runs all experts
+    locally (no nested expert-parallel shard_map); the same tokens and recorded experts."""
     from espo_jax.rollout import generate
     from espo_jax.rollout.engine_sharding import decode_model, sharded_engine_fn
     from espo_jax.train import mesh as mesh_lib
@@ -419,7 +420,7 @@ def test_sharded_engine_on_an_expert_mesh_equals_one_device(rollout):
     ref = jax.device_get(generate(model, prompts, **kw))
     got = generate(decode_model(state.compute_model()), prompts, **kw,
                    engine_fn=sharded_engine_fn(mesh))
-    assert got.tokens.sharding.spec[0] == "fsdp"  # rows split over the 2 fsdp shards
+    assert got.tokens.sharding.spec[0] == ("fsdp", "expert")  # rows over all 8 devices
     got = jax.device_get(got)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_array_equal(got.routed_experts, ref.routed_experts)

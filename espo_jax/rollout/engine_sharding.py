@@ -1,9 +1,10 @@
 """The rollout engine on a device mesh: where its weights and rows live.
 
 ``decode_model`` makes the decode copy of the weights once per rollout (compute dtype,
-FSDP / data splits gathered, tensor-parallel splits kept); ``sharded_engine_fn`` runs one
-``engine.engine_decode`` per batch shard (rows split over the data / fsdp axes, each device
-with its own slots and loop); ``model_engine_fn`` finds the mesh from a model's weights.
+FSDP / data / expert splits gathered, tensor-parallel splits kept); ``sharded_engine_fn``
+runs one ``engine.engine_decode`` per batch shard (rows split over the batch axes: data,
+fsdp, expert; each device with its own slots and loop); ``model_engine_fn`` finds the
+mesh from a model's weights.
 """
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from espo_jax.models.sharding import batch_axes
 from espo_jax.rollout.engine import default_decode_sizes, engine_decode, engine_jit
 
 
 @functools.lru_cache(maxsize=8)
-def sharded_engine_fn(mesh, axes=("data", "fsdp")):
+def sharded_engine_fn(mesh, axes: tuple[str, ...] | None = None):
     """An ``engine_fn`` for ``generate`` that runs one engine per batch shard: the rows
-    split over ``axes`` of ``mesh`` (contiguous blocks), each device decodes its rows
+    split over ``axes`` of ``mesh`` (contiguous blocks; default the training batch's axes,
+    ``models.sharding.batch_axes``: data, fsdp, and expert where it splits: every device
+    holds all the decode weights, so no device repeats another's rows), each device decodes its rows
     with its own ceil(K / shards) slots and its own loop (no cross-device sync per
     token), keys from the global row indices (``row_ids``, default arange(B): the same
     tokens as on one device).
@@ -31,6 +35,7 @@ def sharded_engine_fn(mesh, axes=("data", "fsdp")):
     """
     from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
+    axes = batch_axes(mesh) if axes is None else axes
     axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
     shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     rows = P(axes if len(axes) > 1 else (axes[0] if axes else None))
