@@ -70,10 +70,13 @@ def base_config() -> ml_collections.ConfigDict:
         top_p=1.0, top_k=0, allow_truncated_sampling=False,
         # Continuous batching (also for evaluation): K sequences in flight, a finished
         # one's slot refilled with the next prompt; 0 = one static batch of all rows.
+        # max_concurrent_per_device > 0 sets K to that many slots per batch device (data x
+        # fsdp (x expert)) instead, so one config fits any mesh.
         # prefill_chunk / kv_block: powers of two (prompt tokens per prefill step, kv
         # positions per attention block). engine_attention: auto (the Pallas ragged paged
         # attention kernel on TPU, else xla) | xla | ragged_paged | ragged_paged_xla.
-        max_concurrent=0, prefill_chunk=512, kv_block=256, engine_attention="auto"))
+        max_concurrent=0, max_concurrent_per_device=0, prefill_chunk=512, kv_block=256,
+        engine_attention="auto"))
     # Truncated IS weights between the sampler's and the scoring pass's log-probs, applied
     # to every objective's per-token loss: mode off | token | sequence.
     c.rollout_correction = ml_collections.ConfigDict(dict(mode="off", threshold=2.0))

@@ -52,6 +52,10 @@ def get_config(arg: str | None = None):
     c.rollout.group_size = 8
     c.rollout.max_new_tokens = 8192
     c.rollout.temperature = 1.0
+    # Continuous batching, 8 slots per batch device (K = 64 on 8 chips): a static batch of
+    # the 1,024 rows would hold a KV cache of every row's whole length. Raise it where
+    # memory allows; the dry run reports the rollout's memory per device.
+    c.rollout.max_concurrent_per_device = 8
     c.train.num_epochs = 1
     c.train.num_minibatches = 4
     # Per device, so the same config fits any mesh: 2 rows x (data x fsdp) devices per

@@ -62,6 +62,8 @@ def check_one_line(code, err, *needles):
     (["--config.mesh.tensor=64"], ["config.mesh", "64 devices", "available"]),
     (["--config.rollout.group_size=1"], ["rollout.group_size"]),
     (["--config.rollout.max_concurrent=-1"], ["rollout.max_concurrent", ">= 0", "-1"]),
+    (["--config.rollout.max_concurrent_per_device=-2"],
+     ["rollout.max_concurrent_per_device", ">= 0", "-2"]),
     (["--config.rollout.kv_block=100"], ["rollout.kv_block", "power of two", "100"]),
     (["--config.rollout.engine_attention=paged"], ["rollout.engine_attention", "paged"]),
     (["--config.train.num_minibatches=3"], ["num_minibatches=3"]),

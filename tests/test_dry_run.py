@@ -107,16 +107,19 @@ def test_dry_run_rejects_a_plan_longer_than_the_model(capsys, tmp_path, model_di
 
 def test_dry_run_rollout_entry_follows_max_concurrent(capsys, tmp_path, model_dir):
     """With rollout.max_concurrent the rollout entry is each device's continuous-batching
-    engine: its KV cache is sized by the slots in flight, not by the rollout batch."""
+    engine: its KV cache is sized by the slots in flight, not by the rollout batch. Per
+    device (rollout.max_concurrent_per_device) the slots follow the mesh: 2 per device on
+    the 8 batch devices is K = 16."""
     temps = {}
-    for k in (0, 2):
-        wd = tmp_path / f"wd{k}"
+    for k in ("max_concurrent=0", "max_concurrent=8", "max_concurrent=16",
+              "max_concurrent_per_device=2"):
+        wd = tmp_path / f"wd{k.replace('=', '')}"
         code, _, err = run_cli(capsys, f"--workdir={wd}", "--dry_run",
                                f"--config.model.path={model_dir}", "--config.plan.prompt_len=20",
                                "--config.plan.response_len=64", "--config.log.tensorboard=False",
-                               "--config.rollout.prompts_per_step=8",
-                               f"--config.rollout.max_concurrent={k}")
+                               "--config.rollout.prompts_per_step=8", f"--config.rollout.{k}")
         assert code == 0, err
         plan = json.loads((wd / "memory_plan.json").read_text())
         temps[k] = plan["per_device"]["rollout"]["temp"]
-    assert 0 < temps[2] < temps[0], temps
+    assert 0 < temps["max_concurrent=8"] < temps["max_concurrent=16"] < temps["max_concurrent=0"]
+    assert temps["max_concurrent_per_device=2"] == temps["max_concurrent=16"], temps

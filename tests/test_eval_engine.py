@@ -1,6 +1,7 @@
 """Evaluation through the rollout engine on a mesh: with rollout.max_concurrent > 0 and
 weights on 8 CPU devices, evaluate() runs the per-device sharded engine (as the training
-rollout does) and gives the same metrics as one device, and as smaller eval batches."""
+rollout does), its slots per device from rollout.max_concurrent_per_device, and gives
+the same metrics as one device, and as smaller eval batches."""
 import pathlib
 import sys
 
@@ -20,7 +21,7 @@ import default  # noqa: E402
 
 def test_eval_on_a_mesh_uses_the_sharded_engine_and_equals_one_device(monkeypatch):
     config = default.get_config("smoke")
-    config.rollout.max_concurrent = 4
+    config.rollout.max_concurrent_per_device = 2  # K = 2 on one device, 8 on the mesh
     config.eval.num_examples = 8
     config.eval.batch_size = 8
     config.eval.num_samples = 2      # sampled (T > 0): keys follow the global rows
@@ -39,7 +40,7 @@ def test_eval_on_a_mesh_uses_the_sharded_engine_and_equals_one_device(monkeypatc
         fn = real(m, *a)
 
         def wrapped(*args):
-            used.append(args[3].shape[0])
+            used.append((args[3].shape[0], args[1].max_concurrent))
             return fn(*args)
         return wrapped
 
@@ -48,7 +49,8 @@ def test_eval_on_a_mesh_uses_the_sharded_engine_and_equals_one_device(monkeypatc
     ref = evaluate(model1, task, tok, config, key=key)
     assert not used  # one device: the plain engine
     got = evaluate(model8, task, tok, config, key=key)
-    assert used and all(b % 4 == 0 for b in used)  # rows split over data x fsdp = 4
+    # rows split over data x fsdp = 4, with 2 slots per device
+    assert used and all(b % 4 == 0 and k == min(8, b) for b, k in used), used
     assert ref["eval_num"] == got["eval_num"] == 16 and "eval_sampled_accuracy" in got
     for name, value in ref.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-6, err_msg=name)

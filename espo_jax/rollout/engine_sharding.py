@@ -66,15 +66,21 @@ def sharded_engine_fn(mesh, axes: tuple[str, ...] | None = None):
     return fn
 
 
-def model_engine_fn(model: nnx.Module):
-    """``sharded_engine_fn`` on the mesh the model's weights are placed on (a
-    ``NamedSharding`` over more than one device), else None (``engine_jit``): what the
-    training rollout uses, for callers that only hold the model (evaluation)."""
+def model_mesh(model: nnx.Module):
+    """The mesh the model's weights are placed on (their ``NamedSharding``'s), or None."""
     for leaf in jax.tree.leaves(nnx.state(model)):
         sh = getattr(leaf, "sharding", None)
         if isinstance(sh, jax.sharding.NamedSharding):
-            return sharded_engine_fn(sh.mesh) if sh.mesh.size > 1 else None
+            return sh.mesh
     return None
+
+
+def model_engine_fn(model: nnx.Module):
+    """``sharded_engine_fn`` on the mesh the model's weights are placed on (over more than
+    one device), else None (``engine_jit``): what the training rollout uses, for callers
+    that only hold the model (evaluation)."""
+    mesh = model_mesh(model)
+    return sharded_engine_fn(mesh) if mesh is not None and mesh.size > 1 else None
 
 
 def decode_model(model: nnx.Module, mesh=None) -> nnx.Module:

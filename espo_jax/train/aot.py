@@ -226,7 +226,7 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
         key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
         key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
         eos = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep)
-        ek = engine_kwargs(r)
+        ek = engine_kwargs(r, mesh_lib.batch_divisor(mesh))
         opts = DecodeOptions(max_new_tokens=shapes.response_len, top_k=int(r.top_k),
                              greedy=False, use_top_p=bool(float(r.top_p) < 1.0), pad_id=0)
         if ek["max_concurrent"] is None:  # one static batch of all rollout rows

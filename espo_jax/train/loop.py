@@ -121,7 +121,8 @@ def run(config, workdir) -> dict:
     prompts = PromptSource(config=config, task=task, tokenizer=tok,
                            order=PromptOrder(len(task.train), int(config.seed)),
                            stop_ids=tuple(stop_token_ids(tok, config.model.path)),
-                           decode_fn=decode_fn, engine_fn=sharded_engine_fn(mesh))
+                           decode_fn=decode_fn, engine_fn=sharded_engine_fn(mesh),
+                           batch_devices=batch_axes_size(mesh))
     eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.eval.seed)), 2**30)
 
     def to_device(tree):
@@ -162,7 +163,7 @@ def run(config, workdir) -> dict:
             t0 = time.perf_counter()
             # ------------------------------------------------------------- rollout --
             policy = state.compute_model()  # one compute-dtype copy per rollout
-            if engine_kwargs(config.rollout)["max_concurrent"] is not None:
+            if engine_kwargs(config.rollout, prompts.batch_devices)["max_concurrent"]:
                 policy = decode_model(policy)  # TP-only (else replicated) decode weights
             rollout, rollout_info = collect(prompts, policy, step)
             del policy

@@ -48,7 +48,9 @@ class PromptSource:
     settings, the task (train split + verifier), its tokenizer, the prompt order, the stop
     tokens (``tasks.stop_token_ids``) and the sharded samplers (None: the default jit):
     ``decode_fn`` for the static batch, ``engine_fn`` for continuous batching
-    (``rollout.max_concurrent`` > 0). Prompts are tokenised once and cached by index."""
+    (``rollout.max_concurrent`` > 0), and the devices that split the rows (for
+    ``rollout.max_concurrent_per_device``). Prompts are tokenised once and cached by
+    index."""
     config: Any
     task: Task
     tokenizer: Any
@@ -56,6 +58,7 @@ class PromptSource:
     stop_ids: tuple[int, ...]
     decode_fn: Callable | None = None
     engine_fn: Callable | None = None
+    batch_devices: int = 1
     prompt_cache: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
 
@@ -74,7 +77,7 @@ def sample_groups(src: PromptSource, policy, indices: list[int], key) -> Rollout
                   key=key, top_p=float(r.top_p), top_k=int(r.top_k),
                   eos_id=src.stop_ids, num_samples=int(r.group_size),
                   pad_id=src.tokenizer.pad_token_id, decode_fn=src.decode_fn,
-                  engine_fn=src.engine_fn, **engine_kwargs(r))
+                  engine_fn=src.engine_fn, **engine_kwargs(r, src.batch_devices))
     # Rows may be split over the mesh (and hosts): gather them on every host.
     prompt_tokens, prompt_mask, tokens, mask, sampler_logp = to_host(
         (ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs))

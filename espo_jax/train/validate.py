@@ -159,10 +159,12 @@ def _batches(config, batch_devices: int) -> None:
 
 
 def _engine(config) -> None:
-    """rollout.max_concurrent (0 = static batch) and the engine's power-of-two sizes."""
+    """rollout.max_concurrent (0 = static batch), max_concurrent_per_device (0 = off) and
+    the engine's power-of-two sizes."""
     r = config.rollout
-    if "max_concurrent" in r:
-        _int(config, "rollout.max_concurrent", lo=0)
+    for key in ("max_concurrent", "max_concurrent_per_device"):
+        if key in r:
+            _int(config, f"rollout.{key}", lo=0)
     for key in ("prefill_chunk", "kv_block"):
         if key in r:
             v = _int(config, f"rollout.{key}", lo=1)
