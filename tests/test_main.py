@@ -69,7 +69,7 @@ def test_smoke_run_writes_everything(full_run):
     for r in recs[1:]:
         for key in ("reward_mean", "loss", "clip_frac", "clip_frac_high", "clip_frac_low",
                     "entropy_mean", "response_len_mean", "time_rollout_s", "time_score_s",
-                    "time_update_s"):
+                    "time_update_s", "rollout_slots"):
             assert key in r, (key, r)
         # float32 smoke run: the first update is on-policy and the sampler agrees with the
         # scoring pass (ratios 1, log-probs equal up to rounding).

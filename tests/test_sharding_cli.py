@@ -3,8 +3,10 @@
 `python -m espo_jax.main --config=configs/default.py:smoke --config.num_steps=1
 --config.mesh.*=...` on 8 simulated CPU devices: reward, loss (rel 1e-3), clip fractions
 and entropy of step 1 on meshes (data=8), (fsdp=8), (data=2, fsdp=2, tensor=2) equal the
-single-device run (data=fsdp=tensor=1). Sampling uses jax_threefry_partitionable, so the
-rollout (and hence the reward) is mesh-independent; the rest only differs by float
+single-device run (data=fsdp=tensor=1), and so does (data=2, fsdp=2, tensor=2) with the
+continuous-batching engine (rollout.max_concurrent_per_device=2: one engine per device).
+Sampling uses per-row keys and jax_threefry_partitionable, so the rollout (and hence the
+reward) is independent of the mesh and of the sampler; the rest only differs by float
 summation order.
 """
 from __future__ import annotations
@@ -18,13 +20,15 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MESHES = {"1x1x1": (1, 1, 1), "data8": (8, 1, 1), "fsdp8": (1, 8, 1), "2x2x2": (2, 2, 2)}
+MESHES = {"1x1x1": (1, 1, 1), "data8": (8, 1, 1), "fsdp8": (1, 8, 1), "2x2x2": (2, 2, 2),
+          "2x2x2-engine": (2, 2, 2)}
+EXTRA = {"2x2x2-engine": ["--config.rollout.max_concurrent_per_device=2"]}
 # metric key suffix -> relative tolerance
 KEYS = {"reward_mean": 1e-6, "loss": 1e-3, "clip_frac": 1e-6, "clip_frac_high": 1e-6,
         "clip_frac_low": 1e-6, "entropy_mean": 1e-3}
 
 
-def _run(workdir: pathlib.Path, mesh: tuple[int, int, int]) -> dict:
+def _run(workdir: pathlib.Path, mesh: tuple[int, int, int], extra=()) -> dict:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
                XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -35,7 +39,8 @@ def _run(workdir: pathlib.Path, mesh: tuple[int, int, int]) -> dict:
            # room for the scratchpad: some answers are right, so advantages, loss and
            # clipping are non-zero (with :smoke's 16 tokens every reward is 0)
            "--config.rollout.max_new_tokens=40",
-           f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}", f"--config.mesh.tensor={t}"]
+           f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}", f"--config.mesh.tensor={t}",
+           *extra]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
@@ -73,7 +78,7 @@ def runs(tmp_path_factory):
         pytest.xfail(f"the embedded arith policy ({_asset_dir()}) is not built yet: "
                      "configs/default.py:smoke cannot run")
     root = tmp_path_factory.mktemp("mesh_runs")
-    out = {name: _run(root / name, mesh) for name, mesh in MESHES.items()}
+    out = {name: _run(root / name, mesh, EXTRA.get(name, ())) for name, mesh in MESHES.items()}
     for name, rec in out.items():  # shown with -s: the numbers being compared
         print(f"[mesh {name}] " + ", ".join(f"{k}={_pick(rec, k)[1]:.6g}" for k in KEYS))
     return out
@@ -83,6 +88,8 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n in MESHES if n != "1x1x1"])
 def test_first_step_is_mesh_independent(runs, name):
     ref, got = runs["1x1x1"], runs[name]
+    # the sampler that ran: 2 engine slots on each of the 4 batch devices, else static
+    assert ref["rollout_slots"] == 0 and got["rollout_slots"] == (8 if name in EXTRA else 0)
     for suffix, rtol in KEYS.items():
         key, want = _pick(ref, suffix)
         _, value = _pick(got, suffix)

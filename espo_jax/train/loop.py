@@ -158,12 +158,14 @@ def run(config, workdir) -> dict:
     stop_reason = None
     step = start
     bar = _progress(config, start, num_steps)
+    # The engine's slots (rollout.max_concurrent[_per_device]); 0: one static batch.
+    slots = engine_kwargs(config.rollout, prompts.batch_devices)["max_concurrent"] or 0
     with StopSignal() as stop:
         for step in range(start + 1, num_steps + 1):
             t0 = time.perf_counter()
             # ------------------------------------------------------------- rollout --
             policy = state.compute_model()  # one compute-dtype copy per rollout
-            if engine_kwargs(config.rollout, prompts.batch_devices)["max_concurrent"]:
+            if slots:
                 policy = decode_model(policy)  # TP-only (else replicated) decode weights
             rollout, rollout_info = collect(prompts, policy, step)
             del policy
@@ -218,7 +220,8 @@ def run(config, workdir) -> dict:
             t3 = time.perf_counter()
             metrics = {**_mean_metrics(updates), **_rollout_metrics(scored, config),
                        "lr": float(lr_schedule(int(state.step))),
-                       "optimizer_steps": int(state.step), "time_rollout_s": t1 - t0,
+                       "optimizer_steps": int(state.step), "rollout_slots": slots,
+                       "time_rollout_s": t1 - t0,
                        "time_score_s": t2 - t1, "time_update_s": t3 - t2,
                        **score_metrics, **rollout_info}
 
