@@ -25,11 +25,10 @@ def sharded_engine_fn(mesh, axes: tuple[str, ...] | None = None):
     """An ``engine_fn`` for ``generate`` that runs one engine per batch shard: the rows
     split over ``axes`` of ``mesh`` (contiguous blocks; default the training batch's axes,
     ``models.sharding.batch_axes``: data, fsdp, and expert where it splits: every device
-    holds all the decode weights, so no device repeats another's rows), each device decodes its rows
-    with its own ceil(K / shards) slots and its own loop (no cross-device sync per
-    token), keys from the global row indices (``row_ids``, default arange(B): the same
-    tokens as on one device).
-    Weights enter replicated (pass ``decode_model``'s copy; a TP split is gathered at
+    holds all the decode weights, so no device repeats another's rows), each device
+    decodes its rows with its own ceil(K / shards) slots and its own loop (no cross-device
+    sync per token), keys from the global row indices (``row_ids``, default arange(B):
+    the same tokens as on one device). Weights enter replicated (pass ``decode_model``'s copy; a TP split is gathered at
     entry). Batches that do not divide the shards use ``engine_jit``. Cached per (mesh,
     axes), so the training rollout and evaluation share one compiled program.
     """
