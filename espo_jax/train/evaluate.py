@@ -21,7 +21,7 @@ from espo_jax.rollout import generate
 from espo_jax.rollout.engine import engine_kwargs
 from espo_jax.rollout.engine_sharding import decode_model, model_engine_fn, model_mesh
 from espo_jax.train.distributed import to_host
-from espo_jax.train.setup import batch_axes_size
+from espo_jax.train.mesh import batch_divisor
 from espo_jax.train.tasks import Task, decode_responses, encode_prompts, stop_token_ids
 
 
@@ -64,7 +64,7 @@ def evaluate(model, task: Task, tokenizer, config, *, key: jax.Array, decode_fn=
     ecfg = config.eval
     examples = task.eval[: max(1, int(ecfg.num_examples))]
     prompts = encode_prompts(examples, config.task, tokenizer)
-    engine = engine_kwargs(config.rollout, batch_axes_size(model_mesh(model)))
+    engine = engine_kwargs(config.rollout, batch_divisor(model_mesh(model)))
     if engine["max_concurrent"] is not None:
         # On a mesh: one engine per batch shard, as the training rollout (same tokens).
         engine["engine_fn"] = model_engine_fn(model)

@@ -51,7 +51,7 @@ from espo_jax.train.optim import learning_rate_schedule, make_optimizer
 from espo_jax.train.preemption import StopSignal
 from espo_jax.train.rollout_phase import PromptOrder, PromptSource, collect
 from espo_jax.train.score_phase import score_extras
-from espo_jax.train.setup import batch_axes_size, load_policy, objective_hparams
+from espo_jax.train.setup import load_policy, objective_hparams
 from espo_jax.train.state import create_state, state_shardings
 from espo_jax.train.step import make_score_fn, make_train_step
 from espo_jax.train.tasks import build_task, stop_token_ids
@@ -91,7 +91,7 @@ def run(config, workdir) -> dict:
     del model
 
     chunk, temp = int(config.score.chunk_size), float(config.rollout.temperature)
-    micro = validate_lib.micro_batch_size(config, batch_axes_size(mesh))
+    micro = validate_lib.micro_batch_size(config, mesh_lib.batch_divisor(mesh))
     batch_sh = mesh_lib.batch_sharding(mesh)
     hparams = objective_hparams(config, vocab)
     replay = bool(config.model.routing_replay)
@@ -117,12 +117,12 @@ def run(config, workdir) -> dict:
             return None
         return packing.pack(arrays["prompt_tokens"], arrays["prompt_mask"], arrays["tokens"],
                             arrays["mask"], max_tokens_per_row=budget, rows_per_micro=micro,
-                            num_devices=batch_axes_size(mesh)).arrays()
+                            num_devices=mesh_lib.batch_divisor(mesh)).arrays()
     prompts = PromptSource(config=config, task=task, tokenizer=tok,
                            order=PromptOrder(len(task.train), int(config.seed)),
                            stop_ids=tuple(stop_token_ids(tok, config.model.path)),
                            decode_fn=decode_fn, engine_fn=sharded_engine_fn(mesh),
-                           batch_devices=batch_axes_size(mesh))
+                           batch_devices=mesh_lib.batch_divisor(mesh))
     eval_key = jax.random.fold_in(jax.random.PRNGKey(int(config.eval.seed)), 2**30)
 
     def to_device(tree):

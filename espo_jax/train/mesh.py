@@ -188,9 +188,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_divisor(mesh: Mesh) -> int:
-    """How many ways the batch is split: |data| * |fsdp| (* |expert|)."""
-    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+def batch_divisor(mesh: Mesh | None) -> int:
+    """How many ways the batch is split: |data| * |fsdp| (* |expert|); 1 without a mesh."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh) if a in mesh.shape)
 
 
 def check_batch(batch_size: int, mesh: Mesh, what: str = "batch") -> None:

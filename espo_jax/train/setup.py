@@ -1,20 +1,12 @@
-"""Run set-up: the objective's hyper-parameters, the batch axes' size, and loading the
-policy + tokenizer (validation is ``espo_jax.train.validate``)."""
+"""Run set-up: the objective's hyper-parameters and loading the policy + tokenizer
+(validation is ``espo_jax.train.validate``)."""
 from __future__ import annotations
 
 import pathlib
 
 import jax.numpy as jnp
-import numpy as np
 
 from espo_jax import data as data_lib
-
-
-def batch_axes_size(mesh) -> int:
-    if mesh is None:
-        return 1
-    from espo_jax.models.sharding import batch_axes  # noqa: PLC0415
-    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh) if a in mesh.shape]))
 
 
 def objective_hparams(config, vocab_size: int) -> dict:
