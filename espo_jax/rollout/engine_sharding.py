@@ -3,8 +3,8 @@
 ``decode_model`` makes the decode copy of the weights once per rollout (compute dtype,
 FSDP / data / expert splits gathered, tensor-parallel splits kept); ``sharded_engine_fn``
 runs one ``engine.engine_decode`` per batch shard (rows split over the batch axes: data,
-fsdp, expert; each device with its own slots and loop); ``model_engine_fn`` finds the
-mesh from a model's weights.
+fsdp, expert; each device with its own slots and loop); ``model_mesh`` finds the mesh
+from a model's weights, ``mesh_engine_fn`` the engine_fn for it.
 """
 from __future__ import annotations
 
@@ -74,11 +74,10 @@ def model_mesh(model: nnx.Module):
     return None
 
 
-def model_engine_fn(model: nnx.Module):
-    """``sharded_engine_fn`` on the mesh the model's weights are placed on (over more than
-    one device), else None (``engine_jit``): what the training rollout uses, for callers
-    that only hold the model (evaluation)."""
-    mesh = model_mesh(model)
+def mesh_engine_fn(mesh):
+    """``sharded_engine_fn`` on a mesh of more than one device, else None (``engine_jit``):
+    what the training rollout uses, for callers that only hold the model (evaluation,
+    with ``model_mesh``)."""
     return sharded_engine_fn(mesh) if mesh is not None and mesh.size > 1 else None
 
 

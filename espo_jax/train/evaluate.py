@@ -19,7 +19,7 @@ import numpy as np
 
 from espo_jax.rollout import generate
 from espo_jax.rollout.engine import engine_kwargs
-from espo_jax.rollout.engine_sharding import decode_model, model_engine_fn, model_mesh
+from espo_jax.rollout.engine_sharding import decode_model, mesh_engine_fn, model_mesh
 from espo_jax.train.distributed import to_host
 from espo_jax.train.mesh import batch_divisor
 from espo_jax.train.tasks import Task, decode_responses, encode_prompts, stop_token_ids
@@ -64,10 +64,11 @@ def evaluate(model, task: Task, tokenizer, config, *, key: jax.Array, decode_fn=
     ecfg = config.eval
     examples = task.eval[: max(1, int(ecfg.num_examples))]
     prompts = encode_prompts(examples, config.task, tokenizer)
-    engine = engine_kwargs(config.rollout, batch_divisor(model_mesh(model)))
+    mesh = model_mesh(model)  # the weights' mesh (None: unplaced)
+    engine = engine_kwargs(config.rollout, batch_divisor(mesh))
     if engine["max_concurrent"] is not None:
         # On a mesh: one engine per batch shard, as the training rollout (same tokens).
-        engine["engine_fn"] = model_engine_fn(model)
+        engine["engine_fn"] = mesh_engine_fn(mesh)
         model = decode_model(model)  # TP-only / replicated weights, made once per evaluation
     run = lambda k, temperature, key: _sample_and_score(  # noqa: E731
         model, task, tokenizer, config, examples, prompts, k=k, temperature=temperature,
