@@ -362,7 +362,7 @@ def generate(
     graphdef, state = nnx.split(model)
     traced = (key, jnp.asarray(1.0 if greedy else temperature, jnp.float32),
               jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_array(eos_id)))
-    row_ids = jnp.arange(first_row, first_row + ids.shape[0], dtype=jnp.int32)
+    row_ids = jnp.asarray(np.arange(first_row, first_row + ids.shape[0], dtype=np.int32))
     options = DecodeOptions(max_new_tokens=n_max, top_k=int(top_k), greedy=bool(greedy),
                             use_top_p=bool(top_p < 1.0), pad_id=int(pad_id),
                             cache_dtype=cache_dtype, sampling=sampling)
