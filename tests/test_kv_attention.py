@@ -1,6 +1,7 @@
 """The rollout engine's slot-cache attention (``espo_jax.rollout.kv_attention``) against a
 float64 NumPy reference, and the property the engine's K-invariance rests on: a row's decode
-attention is bitwise the same whichever rows share its call and however much of the cache
+attention, and a prompt token's packed prefill attention, are bitwise the same whichever
+rows share the call, however the prompt is split into runs and however much of the cache
 the call reads."""
 import math
 
@@ -11,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from espo_jax.rollout.kv_attention import key_blocks, ragged_attention, ragged_decode_attention
+from espo_jax.rollout.kv_attention import (key_blocks, packed_prefill_attention,
+                                           ragged_decode_attention)
 
 H, KVH, HD, BLOCK = 4, 2, 8, 8
 
@@ -52,12 +54,14 @@ def test_decode_attention_equals_float64_reference(read, gather):
                                   jnp.asarray(kv_len), read=read)
     np.testing.assert_allclose(np.asarray(got), _reference(q, kc, vc, slots, kv_len),
                                atol=2e-6, rtol=2e-6)
-    # The general (prefill) path agrees, with each query at position kv_len - 1, reading
-    # whole blocks or sub-blocks of the cache's.
+    # The prefill path agrees, each query a run of one token at position kv_len - 1,
+    # reading whole blocks or sub-blocks of the cache's.
+    m = len(slots)
     for block in (BLOCK, BLOCK // 4):
-        old = ragged_attention(q, kb, vc, jnp.asarray(slots) if gather else None,
-                               jnp.asarray(kv_len - 1)[:, None], jnp.asarray(kv_len), block=block)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(old), atol=2e-6, rtol=2e-6)
+        pre = packed_prefill_attention(q, kb, vc, jnp.asarray(slots), jnp.arange(m),
+                                       jnp.ones((m,), jnp.int32), jnp.asarray(kv_len - 1),
+                                       rows=1, block=block)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(pre), atol=2e-6, rtol=2e-6)
     # A row with kv_len 0 (an idle row) gives zeros, not NaN.
     idle = ragged_decode_attention(q[:1], kb, vc, jnp.zeros((1,), jnp.int32),
                                    jnp.zeros((1,), jnp.int32), read=read)
@@ -95,5 +99,69 @@ def test_bad_cache_layouts():
     with pytest.raises(ValueError, match="blocks of 8 positions but the value cache 20"):
         ragged_decode_attention(q, kb, vc, None, jnp.asarray([3, 4]))
     with pytest.raises(ValueError, match="block 3 must divide the cache's kv block 8"):
-        ragged_attention(q, kb, vc[:, :, :16], None, jnp.asarray([[2], [3]]),
-                         jnp.asarray([3, 4]), block=3)
+        packed_prefill_attention(q, kb, vc[:, :, :16], jnp.asarray([0, 1]), jnp.asarray([0, 1]),
+                                 jnp.asarray([1, 1]), jnp.asarray([2, 3]), rows=1, block=3)
+
+
+def _prefill_reference(q, kc, vc, runs):
+    """float64: each run (slot, start, n, pos0)'s token r (row start + r, position pos0 + r)
+    over keys [0, pos0 + r] of its slot; rows of no run are zero."""
+    q, kc, vc = (np.asarray(x, np.float64) for x in (q, kc, vc))
+    out = np.zeros(q.shape)
+    g = H // KVH
+    for slot, start, n, pos0 in runs:
+        for r in range(n):
+            for head in range(H):
+                kk, vv = kc[slot, head // g, :pos0 + r + 1], vc[slot, head // g, :pos0 + r + 1]
+                sc = kk @ q[start + r, 0, head] / math.sqrt(HD)
+                p = np.exp(sc - sc.max())
+                out[start + r, 0, head] = p @ vv / p.sum()
+    return out
+
+
+def _runs(runs, count):
+    """(slot, start, len, pos0) i32[count] each from a list of runs, padded with empty runs."""
+    cols = np.zeros((4, count), np.int32)
+    cols[:, :len(runs)] = np.asarray(runs, np.int32).T
+    return [jnp.asarray(c) for c in cols]
+
+
+@pytest.mark.parametrize("block", [BLOCK, BLOCK // 2])
+def test_packed_prefill_equals_float64_reference(block):
+    """Runs of several slots packed back to back: a whole prompt from position 0, a chunk
+    continuing a prompt already cached up to position 13, a one-token run; rows past the
+    runs (budget left over) are zero; empty runs at the end are skipped."""
+    k, s = 4, 40
+    kc, vc, key = _cache(3, k, s)
+    runs = [(2, 0, 9, 13), (0, 9, 11, 0), (3, 20, 1, 30)]   # (slot, start, len, pos0)
+    t = 24
+    q = jax.random.normal(key, (t, 1, H, HD))
+    got = packed_prefill_attention(q, key_blocks(kc, BLOCK), vc, *_runs(runs, k), rows=11,
+                                   block=block)
+    want = _prefill_reference(q, kc, vc, runs)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=2e-6)
+    assert not np.any(np.asarray(got)[21:])
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(2, 30), st.integers(1, 29), st.integers(0, 5),
+       st.sampled_from([jnp.float32, jnp.bfloat16]))
+def test_packed_prefill_token_result_does_not_depend_on_its_run(n, cut, lead, dtype):
+    """A prompt of n tokens prefilled as one run, or as two runs (chunks) split at ``cut``
+    in separate calls with other rows bounds, behind another slot's run of ``lead``
+    tokens: every token's output bitwise the same (the engine's K-invariance)."""
+    cut = min(cut, n - 1)
+    k, s = 3, 32
+    kc, vc, key = _cache(4, k, s)
+    kc, vc = key_blocks(kc, BLOCK).astype(dtype), vc.astype(dtype)
+    q = jax.random.normal(key, (n + lead, 1, H, HD)).astype(dtype)
+    whole = packed_prefill_attention(q[:n], kc, vc, *_runs([(1, 0, n, 0)], k), rows=n,
+                                     block=BLOCK)
+    runs = [(2, 0, lead, 0)] if lead else []
+    first = packed_prefill_attention(jnp.concatenate([q[n:], q[:cut]]), kc, vc,
+                                     *_runs(runs + [(1, lead, cut, 0)], k), rows=max(cut, lead),
+                                     block=BLOCK)
+    rest = packed_prefill_attention(q[cut:n], kc, vc, *_runs([(1, 0, n - cut, cut)], k),
+                                    rows=32, block=BLOCK)
+    split = jnp.concatenate([first[lead:], rest])
+    np.testing.assert_array_equal(np.asarray(split, np.float32), np.asarray(whole, np.float32))

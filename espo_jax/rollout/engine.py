@@ -37,8 +37,10 @@ Randomness: token t of row i is drawn with ``fold_in(fold_in(key, i), t)``
 (``sampling.token_keys``), whatever slot or step it runs in, so the responses do not
 depend on K (nor on the static sampler vs this engine). Nor does a row's arithmetic,
 beyond the backend's own shape-dependent kernels: a prompt token's attention sums its
-keys in blocks of one size (``PREFILL_BLOCK``) whichever step packs it, and no forward
-runs a lone row (``MIN_ROWS``).
+keys in blocks of one size (``PREFILL_BLOCK``) whichever step packs it, each run of a
+slot's packed tokens reads its key blocks as one matrix (``kv_attention.
+packed_prefill_attention``: rows independent), and no forward runs a lone row
+(``MIN_ROWS``).
 
 The decode forward reuses the model's own modules (projections, norms, MLP or routed
 experts, RoPE) and weights; only the attention and cache layout are the engine's. For an
@@ -61,7 +63,7 @@ from espo_jax.rollout import paged_attention as paged_lib
 from espo_jax.rollout.engine_options import (  # noqa: F401
     DEFAULT_PREFILL_TOKENS, MIN_ROWS, PREFILL_BLOCK, SHORT_BLOCK, EngineOptions,
     cache_geometry, default_decode_sizes, engine_kwargs, kv_cache_bytes)
-from espo_jax.rollout.kv_attention import ragged_attention, ragged_decode_attention
+from espo_jax.rollout.kv_attention import packed_prefill_attention, ragged_decode_attention
 from espo_jax.rollout.sampling import sample_rows
 
 
@@ -282,8 +284,9 @@ def engine_decode(
                     od = ragged_decode_attention(q[:k], cc["k"], cc["v"], None,
                                                  jnp.where(dec, ln + 1, 0),
                                                  read=o.decode_read)
-                    op = ragged_attention(q[k:], cc["k"], cc["v"], tslot, tpos[:, None],
-                                          jnp.where(tvalid, tpos + 1, 0), block=pblk)
+                    op = packed_prefill_attention(q[k:], cc["k"], cc["v"], order, start_o,
+                                                  taken_o, ln[order], rows=min(tp, p),
+                                                  block=pblk)
                     return jnp.concatenate([od, op])
 
             ids = jnp.concatenate([slots["prev"], tids])[:, None]

@@ -66,11 +66,11 @@ class EngineOptions(DecodeOptions):
 # Prompt tokens a mixed step carries along with the K decode rows (``engine``'s doc).
 DEFAULT_PREFILL_TOKENS = 32
 # Key positions per block of the packed prefill's attention (``kv_attention.
-# ragged_attention``; capped to divide the kv block). One size for every mixed step, so a
-# prompt token's attention sums its keys in the same blocks whichever step, K or packing
-# it lands in (the block size changes the rounding: in bf16 by up to 0.03 in a log-prob).
-# Short, because each packed token gathers its slot's blocks up to the step's longest
-# prompt: a [T, KVH, block, hd] copy per block.
+# packed_prefill_attention``; capped to divide the kv block). One size for every mixed
+# step, so a prompt token's attention sums its keys in the same blocks whichever step, K
+# or run it lands in (the block size changes the rounding: in bf16 by up to 0.03 in a
+# log-prob). 32, 64 and 128 ran alike on CPU (sampler.py's model: a 4096-token prompt,
+# 16 x 32 and 64 ragged prompts).
 PREFILL_BLOCK = 32
 # Kv block of a cache short enough for the decode steps to read whole (at most
 # ``decode_read`` positions, XLA layout): every position is read every step, so the cache

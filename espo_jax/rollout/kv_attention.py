@@ -2,14 +2,13 @@
 
 The cache holds K slots of S positions, one sequence per slot, token j of a sequence at
 position j (no left padding, so RoPE positions are cache indices). A query reads only
-the kv blocks below the longest live length of the rows in its call: the loop over
-blocks of ``block`` positions stops at ``ceil(max(kv_len) / block)``, so a step costs
-O(live tokens), not O(S); within a block, positions past a row's own length are masked.
-Online (flash-style) softmax across blocks in float32. ``ragged_attention`` serves any
-number of queries per row (the packed prefill); ``ragged_decode_attention`` one query per
-row (the decode steps), reading a short cache whole, in place (``DECODE_READ``).
+the kv blocks up to its live length (within a block, positions past it are masked), so a
+step costs O(live tokens), not O(S); online (flash-style) softmax across blocks in
+float32. ``packed_prefill_attention`` serves a step's packed prompt tokens, a run of
+consecutive tokens of one slot at a time; ``ragged_decode_attention`` one query per row
+(the decode steps), reading a short cache whole, in place (``DECODE_READ``).
 
-Shapes: M query rows, T queries per row, H query heads, KVH kv heads (H = KVH * G),
+Shapes: M query rows, T queries, H query heads, KVH kv heads (H = KVH * G),
 hd head dim, K cache slots, S cache positions in blocks of B (the cache's kv block). The
 cache is keys [K, KVH, S/B, hd, B] and values [K, KVH, S, hd]: heads before positions, so
 a block slice is already in the batched dots' layout (no transpose copy per block, as a
@@ -53,58 +52,76 @@ def _take(x, slots):
     return x if slots is None else jnp.take(x, slots, axis=0, mode="clip")
 
 
-def ragged_attention(q, k_cache, v_cache, slots, q_pos, kv_len, *, block: int):
-    """Causal attention of new queries over their slots' cached keys / values.
+def packed_prefill_attention(q, k_cache, v_cache, run_slot, run_start, run_len, run_pos, *,
+                             rows: int, block: int):
+    """Causal attention of a step's packed prompt tokens over their slots' caches, one run
+    of a slot's consecutive tokens at a time.
 
-    q [M, T, H, hd]; k_cache [K, KVH, S/B, hd, B], v_cache [K, KVH, S, hd] (already holding
-    the queries' own keys); slots i32[M] (the slot of each query row; an out-of-range
-    slot gives a garbage row the caller drops), or None when row m is slot m (M = K: no
-    gather); q_pos i32[M, T] (each query's position); kv_len i32[M] (keys at positions
-    >= kv_len are never read). A query at position p sees keys at positions
-    <= min(p, kv_len - 1). Keys are summed in blocks of ``block`` positions (a divisor of
-    the cache's B). Returns [M, T, H, hd] in q.dtype.
+    q [T, 1, H, hd]: the packed queries, run r at rows [run_start[r], run_start[r] +
+    run_len[r]) (run_len 0: no run; runs with tokens come first), its tokens at cache
+    positions run_pos[r] + [0, run_len[r]) of slot run_slot[r] (i32[R] each). The cache
+    k_cache [K, KVH, S/B, hd, B], v_cache [K, KVH, S, hd] already holds the runs' own keys /
+    values. ``rows``: a static bound on run_len (the queries one run reads: rows past its
+    length are computed and dropped). Keys are summed in blocks of ``block`` positions (a
+    divisor of the cache's B) up to the run's last token, online (flash-style) in float32.
+    Rows of no run give zeros. Returns [T, 1, H, hd] in q.dtype.
+
+    Every run's queries read their slot's key blocks in place as one [rows x G, hd] matrix
+    per kv head (a dot per block and kv head, not per token): a long prompt's chunk costs
+    O(chunk x prompt) flops and O(prompt) cache reads, not a copy of its blocks per token.
+    A token's result depends neither on its run's length or rows, nor on its neighbours:
+    blocks past its position add exactly zero, and the dots' rows are independent.
     """
-    m, t, h, hd = q.shape
+    t, _, h, hd = q.shape
     kvh = v_cache.shape[1]
-    s, cb = _check(k_cache, v_cache)
+    _, cb = _check(k_cache, v_cache)
     if cb % block:
         raise ValueError(f"the attention block {block} must divide the cache's kv block {cb}")
-    g = h // kvh
-    # [M, KVH, G * T, hd]: both dots are plain batched matmuls over (row, kv head).
-    qg = q.reshape(m, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(m, kvh, g * t, hd)
+    g, lq = h // kvh, int(rows)
     scale = 1.0 / math.sqrt(hd)
-    n_blocks = (jnp.max(kv_len) + block - 1) // block
-    n_blocks = jnp.clip(n_blocks, 1, s // block)
+    # [KVH, T + rows, G, hd], padded so that every run's [rows] slice is in range.
+    qk = jnp.pad(q[:, 0].reshape(t, kvh, g, hd).transpose(1, 0, 2, 3),
+                 ((0, 0), (0, lq), (0, 0), (0, 0)))
+    r = jnp.arange(lq, dtype=jnp.int32)
 
-    def body(b, carry):
-        mx, den, acc = carry
-        start = b * block
-        kb = jax.lax.dynamic_slice(k_cache, (0, 0, start // cb, 0, start % cb),
-                                   k_cache.shape[:2] + (1, hd, block))
-        kb = _take(kb[:, :, 0], slots)                                       # [M,KVH,hd,blk]
-        vb = _take(jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=2), slots)
-        kb, vb = kb.astype(q.dtype), vb.astype(q.dtype)
-        sc = jnp.einsum("mkqd,mkds->mkqs", qg, kb, preferred_element_type=jnp.float32)
-        sc = sc.reshape(m, kvh, g, t, block) * scale
-        kpos = start + jnp.arange(block)
-        ok = ((kpos[None, None, :] <= q_pos[:, :, None])
-              & (kpos[None, None, :] < kv_len[:, None, None]))
-        ok = ok[:, None, None]                                               # [M,1,1,T,blk]
-        sc = jnp.where(ok, sc, _NEG)
-        mx_new = jnp.maximum(mx, sc.max(-1))
-        p = jnp.where(ok, jnp.exp(sc - mx_new[..., None]), 0.0)
-        corr = jnp.exp(mx - mx_new)
-        den = den * corr + p.sum(-1)
-        pv = jnp.einsum("mkqs,mksd->mkqd", p.reshape(m, kvh, g * t, block).astype(vb.dtype),
-                        vb, preferred_element_type=jnp.float32)
-        acc = acc * corr[..., None] + pv.reshape(m, kvh, g, t, hd)
-        return mx_new, den, acc
+    def run(i, out):
+        slot, st, n, p0 = run_slot[i], run_start[i], run_len[i], run_pos[i]
+        qr = jax.lax.dynamic_slice_in_dim(qk, st, lq, axis=1).reshape(kvh, lq * g, hd)
+        q_pos, kv_end = p0 + r, p0 + n
 
-    init = (jnp.full((m, kvh, g, t), _NEG, jnp.float32), jnp.zeros((m, kvh, g, t), jnp.float32),
-            jnp.zeros((m, kvh, g, t, hd), jnp.float32))
-    _, den, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    out = acc / jnp.maximum(den, 1e-30)[..., None]                           # [M,KVH,G,T,hd]
-    return out.transpose(0, 3, 1, 2, 4).reshape(m, t, h, hd).astype(q.dtype)
+        def body(b, carry):
+            mx, den, acc = carry
+            start = b * block
+            kb = jax.lax.dynamic_slice(k_cache, (slot, 0, start // cb, 0, start % cb),
+                                       (1, kvh, 1, hd, block))[0, :, 0]      # [KVH,hd,blk]
+            vb = jax.lax.dynamic_slice(v_cache, (slot, 0, start, 0), (1, kvh, block, hd))[0]
+            sc = jnp.einsum("kqd,kds->kqs", qr, kb.astype(q.dtype),
+                            preferred_element_type=jnp.float32)
+            sc = sc.reshape(kvh, lq, g, block) * scale
+            kpos = start + jnp.arange(block)
+            ok = (kpos[None, :] <= q_pos[:, None]) & (kpos[None, :] < kv_end)
+            ok = ok[None, :, None, :]                                        # [1,rows,1,blk]
+            sc = jnp.where(ok, sc, _NEG)
+            mx_new = jnp.maximum(mx, sc.max(-1))
+            p = jnp.where(ok, jnp.exp(sc - mx_new[..., None]), 0.0)
+            corr = jnp.exp(mx - mx_new)
+            pv = jnp.einsum("kqs,ksd->kqd", p.reshape(kvh, lq * g, block).astype(q.dtype),
+                            vb.astype(q.dtype), preferred_element_type=jnp.float32)
+            return (mx_new, den * corr + p.sum(-1),
+                    acc * corr[..., None] + pv.reshape(kvh, lq, g, hd))
+
+        init = (jnp.full((kvh, lq, g), _NEG, jnp.float32), jnp.zeros((kvh, lq, g), jnp.float32),
+                jnp.zeros((kvh, lq, g, hd), jnp.float32))
+        n_blocks = jnp.where(n > 0, (kv_end + block - 1) // block, 0)
+        _, den, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+        o = (acc / jnp.maximum(den, 1e-30)[..., None]).astype(q.dtype).transpose(1, 0, 2, 3)
+        keep = jax.lax.dynamic_slice_in_dim(out, st, lq, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(
+            out, jnp.where((r < n)[:, None, None, None], o, keep), st, axis=0)
+
+    n_runs = jnp.sum(run_len > 0).astype(jnp.int32)
+    out = jax.lax.fori_loop(0, n_runs, run, jnp.zeros((t + lq, kvh, g, hd), q.dtype))
+    return out[:t].reshape(t, 1, h, hd)
 
 
 # A decode call reads a cache of at most this many positions whole, in place, whatever the
@@ -121,12 +138,12 @@ def ragged_decode_attention(q, k_cache, v_cache, slots, kv_len, *, read: int = D
     q [M, 1, H, hd]; k_cache [K, KVH, S/B, hd, B], v_cache [K, KVH, S, hd]; slots i32[M]
     or None (row m is slot m); kv_len i32[M] (>= 1 for a real row; 0 gives a zero row the
     caller drops).
-    Returns [M, 1, H, hd] in q.dtype: ``ragged_attention`` with q_pos = kv_len - 1, up to
-    float rounding.
+    Returns [M, 1, H, hd] in q.dtype: ``packed_prefill_attention`` of runs of one token at
+    position kv_len - 1, up to float rounding.
 
     A cache of S <= ``read`` positions is read whole, in place (one window); a longer one
     in windows of one block, stopping after the block holding max(kv_len): O(live
-    tokens), as ``ragged_attention`` (each block a copy on CPU). Inside a window
+    tokens) (each block a copy on CPU). Inside a window
     every block of B keys is one batched dot with its own max, exp-sum and weighted
     values; the blocks are summed in order, rescaled to the window's max, and the
     windows combined online (flash-style). A block past a row's length adds exactly zero,

@@ -32,6 +32,7 @@ by rep so that they all see the same machine load.
 
     .venv/bin/python experiments/benchmarks/sampler.py            # 16 x 32 prompt, 128 new
     .venv/bin/python experiments/benchmarks/sampler.py --ragged   # 64 ragged prompts, K=16
+    .venv/bin/python experiments/benchmarks/sampler.py --batch 2 --prompt-len 2048 --new-tokens 8
     .venv/bin/python experiments/benchmarks/sampler.py --ragged --seeds 8  # pooled over 8 keys
     .venv/bin/python experiments/benchmarks/sampler.py --breakdown  # decode step's parts
     .venv/bin/python experiments/benchmarks/sampler.py --quick    # seconds, for smoke tests
@@ -56,7 +57,7 @@ from espo_jax.rollout import generate
 from espo_jax.rollout.sampling import sample_rows, token_keys
 
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=64, intermediate_size=768, vocab_size=32000, max_position_embeddings=2048,
+             head_dim=64, intermediate_size=768, vocab_size=32000, max_position_embeddings=8192,
              rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True)
 
 
