@@ -75,8 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
         # prefill_chunk / kv_block: powers of two (prompt tokens per prefill step, kv
         # positions per attention block). engine_attention: auto (the Pallas ragged paged
         # attention kernel on TPU, else xla) | xla | ragged_paged | ragged_paged_xla.
+        # decode_read: the xla engine's decode steps read a cache of at most this many
+        # positions whole, a longer one block by block (0 = the default, 2048, tuned on
+        # CPU; tune it on an accelerator).
         max_concurrent=0, max_concurrent_per_device=0, prefill_chunk=512, kv_block=256,
-        engine_attention="auto"))
+        engine_attention="auto", decode_read=0))
     # Truncated IS weights between the sampler's and the scoring pass's log-probs, applied
     # to every objective's per-token loss: mode off | token | sequence.
     c.rollout_correction = ml_collections.ConfigDict(dict(mode="off", threshold=2.0))

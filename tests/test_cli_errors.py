@@ -65,6 +65,7 @@ def check_one_line(code, err, *needles):
     (["--config.rollout.max_concurrent_per_device=-2"],
      ["rollout.max_concurrent_per_device", ">= 0", "-2"]),
     (["--config.rollout.kv_block=100"], ["rollout.kv_block", "power of two", "100"]),
+    (["--config.rollout.decode_read=-5"], ["rollout.decode_read", ">= 0", "-5"]),
     (["--config.rollout.engine_attention=paged"], ["rollout.engine_attention", "paged"]),
     (["--config.train.num_minibatches=3"], ["num_minibatches=3"]),
     (["--config.model.dtype=float8"], ["model.dtype", "float8"]),

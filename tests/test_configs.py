@@ -96,6 +96,9 @@ def test_paper_config_validates_on_8_and_32_devices(devices, micro):
     assert engine_kwargs(c.rollout, devices)["max_concurrent"] == 48
     c.rollout.max_concurrent_per_device = 2
     assert engine_kwargs(c.rollout, devices)["max_concurrent"] == 2 * devices
+    assert engine_kwargs(c.rollout, devices)["decode_read"] is None  # 0: the default
+    c.rollout.decode_read = 16384
+    assert engine_kwargs(c.rollout, devices)["decode_read"] == 16384
 
 
 def test_url_workdirs_stay_urls(tmp_path, monkeypatch, capsys):

@@ -115,11 +115,14 @@ def test_block_by_block_decode_same_responses(models, sampled, monkeypatch):
     block per loop iteration, stopping at the longest live row. Same tokens for K = 3 and
     16 as the static batch (every drain size and mixed step runs it)."""
     _, model, _ = models
-    jit = engine.engine_jit
-    monkeypatch.setattr(engine, "engine_jit", lambda graphdef, options, *args: jit(
-        graphdef, dataclasses.replace(options, decode_read=options.kv_block), *args))
+    jit, seen = engine.engine_jit, []
+
+    def spy(graphdef, options, *args):
+        seen.append(options.decode_read)
+        return jit(graphdef, options, *args)
+    monkeypatch.setattr(engine, "engine_jit", spy)
     kw = dict(max_new_tokens=N, temperature=0.7, key=jax.random.key(3), eos_id=[1, 2, 3],
-              num_samples=3)
+              num_samples=3, decode_read=SMALL["kv_block"])
     ref = sampled[None]
     for k in (3, 16):
         got = generate(model, PROMPTS, max_concurrent=k, **SMALL, **kw)
@@ -127,6 +130,7 @@ def test_block_by_block_decode_same_responses(models, sampled, monkeypatch):
         np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(ref.lengths))
         np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs),
                                    rtol=1e-5, atol=1e-5)
+    assert seen == [SMALL["kv_block"]] * 2
 
 
 def test_engine_logprobs_equal_teacher_forced(models, sampled):
@@ -166,6 +170,9 @@ def test_engine_bad_input(models):
         generate(model, [[1]], max_new_tokens=4, max_concurrent=0, **kw)
     with pytest.raises(ValueError, match="prefill_chunk"):
         generate(model, [[1]], max_new_tokens=4, max_concurrent=2, prefill_chunk=6, **kw)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="decode_read must be None"):
+            generate(model, [[1]], max_new_tokens=4, max_concurrent=2, decode_read=bad, **kw)
     with pytest.raises(ValueError, match="one per prompt"):
         generate(model, [[1], [2]], max_new_tokens=[4], max_concurrent=2, **kw)
     with pytest.raises(ValueError, match=r"max_new_tokens must be >= 1"):

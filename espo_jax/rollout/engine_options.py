@@ -118,8 +118,8 @@ def kv_cache_bytes(config, max_concurrent: int, max_len: int, dtype="bfloat16") 
 
 def engine_kwargs(rollout_config, batch_devices: int = 1) -> dict:
     """generate() keywords from a ``rollout`` config block: max_concurrent (0 -> None,
-    the static batch), prefill_chunk, kv_block, attention (``rollout.engine_attention``)
-    (their defaults where the block lacks them). ``rollout.max_concurrent_per_device`` > 0
+    the static batch), prefill_chunk, kv_block, attention (``rollout.engine_attention``),
+    decode_read (0 -> None, the default) (their defaults where the block lacks them). ``rollout.max_concurrent_per_device`` > 0
     overrides max_concurrent with that many slots on each of the ``batch_devices``
     devices that split the rows (the mesh's data x fsdp (x expert)), so one config fits
     8 or 256 chips."""
@@ -129,4 +129,5 @@ def engine_kwargs(rollout_config, batch_devices: int = 1) -> dict:
          else int(get("max_concurrent", 0) or 0))
     return dict(max_concurrent=k if k > 0 else None,
                 prefill_chunk=int(get("prefill_chunk", 512)), kv_block=int(get("kv_block", 256)),
-                attention=str(get("engine_attention", "auto")))
+                attention=str(get("engine_attention", "auto")),
+                decode_read=int(get("decode_read", 0) or 0) or None)

@@ -29,6 +29,7 @@ from flax import nnx
 
 from espo_jax.rollout import engine, paged_attention
 from espo_jax.rollout.engine_options import DecodeOptions
+from espo_jax.rollout.kv_attention import DECODE_READ
 from espo_jax.rollout.sampling import SAMPLING_METHODS, sample_rows, token_keys
 
 
@@ -265,6 +266,7 @@ def generate(
     max_concurrent: int | None = None, prefill_chunk: int = 512, kv_block: int = 256,
     engine_fn: Callable | None = None, sampling: str = "gumbel",
     prefill_tokens: int | None = None, attention: str = "auto", first_row: int = 0,
+    decode_read: int | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt with a KV cache, in one jitted call.
 
@@ -293,6 +295,9 @@ def generate(
     attention: the engine's KV layout and attention (``paged_attention``): "auto" (the
       Pallas ragged paged attention kernel on TPU, else "xla"), "xla", "ragged_paged",
       "ragged_paged_xla" (the kernel's contract in XLA, for checking the paged plumbing).
+    decode_read: the "xla" engine's decode steps read a cache of at most this many
+      positions whole, in place, a longer one block by block up to the longest live row
+      (None: ``kv_attention.DECODE_READ``, tuned on CPU; see ``ragged_decode_attention``).
     decode_fn: a jitted variant of ``decode`` with the same signature, e.g.
       ``jax.jit(decode, static_argnums=STATIC_ARGNUMS, in_shardings=..., out_shardings=...)``;
       defaults to ``decode_jit`` (static batch only).
@@ -322,6 +327,11 @@ def generate(
                                        or max_concurrent < 1):
         raise ValueError(f"max_concurrent must be None (one static batch) or an int >= 1, "
                          f"got {max_concurrent!r}")
+    if decode_read is not None and (isinstance(decode_read, bool)
+                                    or not isinstance(decode_read, (int, np.integer))
+                                    or decode_read < 1):
+        raise ValueError(f"decode_read must be None (the default) or an int >= 1, "
+                         f"got {decode_read!r}")
     attention = paged_attention.resolve_attention(attention)
     for name, v in (("prefill_chunk", prefill_chunk), ("kv_block", kv_block)):
         if not isinstance(v, (int, np.integer)) or v < 1 or v & (v - 1):
@@ -382,7 +392,8 @@ def generate(
             kv_block=block, decode_sizes=engine.default_decode_sizes(k),
             prefill_tokens=engine.DEFAULT_PREFILL_TOKENS if prefill_tokens is None
             else int(prefill_tokens),
-            routed_width=plen if model.config.is_moe else 0, attention=attention)
+            routed_width=plen if model.config.is_moe else 0, attention=attention,
+            decode_read=DECODE_READ if decode_read is None else int(decode_read))
         right, plens = engine.right_align(ids, mask, chunk, pad_id)
         out = (engine_fn or engine.engine_jit)(
             graphdef, options, state, jnp.asarray(right), jnp.asarray(plens),

@@ -197,6 +197,7 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
 
     from espo_jax.rollout import DecodeOptions, bucket_length, engine  # noqa: PLC0415
     from espo_jax.rollout.engine import engine_kwargs  # noqa: PLC0415
+    from espo_jax.rollout.kv_attention import DECODE_READ  # noqa: PLC0415
     from espo_jax.rollout.paged_attention import resolve_attention  # noqa: PLC0415
     from espo_jax.train import mesh as mesh_lib  # noqa: PLC0415
 
@@ -255,7 +256,8 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
                 # The Pallas kernel compiles for TPU only; elsewhere the XLA layout (the
                 # same cache bytes) stands in.
                 attention=(resolve_attention(ek["attention"])
-                           if jax.default_backend() == "tpu" else "xla"))
+                           if jax.default_backend() == "tpu" else "xla"),
+                decode_read=ek["decode_read"] or DECODE_READ)
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             local = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
                                  abs_state)

@@ -159,10 +159,10 @@ def _batches(config, batch_devices: int) -> None:
 
 
 def _engine(config) -> None:
-    """rollout.max_concurrent (0 = static batch), max_concurrent_per_device (0 = off) and
-    the engine's power-of-two sizes."""
+    """rollout.max_concurrent (0 = static batch), max_concurrent_per_device (0 = off),
+    decode_read (0 = default) and the engine's power-of-two sizes."""
     r = config.rollout
-    for key in ("max_concurrent", "max_concurrent_per_device"):
+    for key in ("max_concurrent", "max_concurrent_per_device", "decode_read"):
         if key in r:
             _int(config, f"rollout.{key}", lo=0)
     for key in ("prefill_chunk", "kv_block"):

@@ -51,7 +51,8 @@ NEUTRAL_KEYS = ("log", "checkpoint", "dump", "distributed", "mesh")
 # Keys added to the configs after runs were archived, with the value that reproduces the
 # behaviour from before they existed: at that value they are left out of the hash, so adding
 # them does not orphan the archived runs (the sweeps would otherwise rerun everything).
-ADDED_KEYS = {"rollout.engine_attention": "auto", "rollout.max_concurrent_per_device": 0}
+ADDED_KEYS = {"rollout.engine_attention": "auto", "rollout.max_concurrent_per_device": 0,
+              "rollout.decode_read": 0}
 
 
 def _repo_relative(node: Any) -> Any:
