@@ -322,16 +322,11 @@ def generate(
         raise ValueError(f"first_row must be an int in [0, 2**30), got {first_row!r}")
     if sampling not in SAMPLING_METHODS:
         raise ValueError(f"sampling must be one of {SAMPLING_METHODS}, got {sampling!r}")
-    if max_concurrent is not None and (isinstance(max_concurrent, bool)
-                                       or not isinstance(max_concurrent, (int, np.integer))
-                                       or max_concurrent < 1):
-        raise ValueError(f"max_concurrent must be None (one static batch) or an int >= 1, "
-                         f"got {max_concurrent!r}")
-    if decode_read is not None and (isinstance(decode_read, bool)
-                                    or not isinstance(decode_read, (int, np.integer))
-                                    or decode_read < 1):
-        raise ValueError(f"decode_read must be None (the default) or an int >= 1, "
-                         f"got {decode_read!r}")
+    for name, v, none in (("max_concurrent", max_concurrent, "one static batch"),
+                          ("decode_read", decode_read, "the default")):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                              or v < 1):
+            raise ValueError(f"{name} must be None ({none}) or an int >= 1, got {v!r}")
     attention = paged_attention.resolve_attention(attention)
     for name, v in (("prefill_chunk", prefill_chunk), ("kv_block", kv_block)):
         if not isinstance(v, (int, np.integer)) or v < 1 or v & (v - 1):
