@@ -119,10 +119,10 @@ def kv_cache_bytes(config, max_concurrent: int, max_len: int, dtype="bfloat16") 
 def engine_kwargs(rollout_config, batch_devices: int = 1) -> dict:
     """generate() keywords from a ``rollout`` config block: max_concurrent (0 -> None,
     the static batch), prefill_chunk, kv_block, attention (``rollout.engine_attention``),
-    decode_read (0 -> None, the default) (their defaults where the block lacks them). ``rollout.max_concurrent_per_device`` > 0
-    overrides max_concurrent with that many slots on each of the ``batch_devices``
-    devices that split the rows (the mesh's data x fsdp (x expert)), so one config fits
-    8 or 256 chips."""
+    decode_read (0 -> None, the default) (their defaults where the block lacks them).
+    ``rollout.max_concurrent_per_device`` > 0 overrides max_concurrent with that many
+    slots on each of the ``batch_devices`` devices that split the rows (the mesh's data x
+    fsdp (x expert)), so one config fits 8 or 256 chips."""
     get = rollout_config.get
     per_device = int(get("max_concurrent_per_device", 0) or 0)
     k = (per_device * int(batch_devices) if per_device > 0

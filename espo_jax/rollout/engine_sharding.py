@@ -28,9 +28,10 @@ def sharded_engine_fn(mesh, axes: tuple[str, ...] | None = None):
     holds all the decode weights, so no device repeats another's rows), each device
     decodes its rows with its own ceil(K / shards) slots and its own loop (no cross-device
     sync per token), keys from the global row indices (``row_ids``, default arange(B):
-    the same tokens as on one device). Weights enter replicated (pass ``decode_model``'s copy; a TP split is gathered at
-    entry). Batches that do not divide the shards use ``engine_jit``. Cached per (mesh,
-    axes), so the training rollout and evaluation share one compiled program.
+    the same tokens as on one device). Weights enter replicated (pass ``decode_model``'s
+    copy; a TP split is gathered at entry). Batches that do not divide the shards use
+    ``engine_jit``. Cached per (mesh, axes), so the training rollout and evaluation share
+    one compiled program.
     """
     from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 

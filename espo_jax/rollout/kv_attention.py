@@ -143,10 +143,10 @@ def ragged_decode_attention(q, k_cache, v_cache, slots, kv_len, *, read: int = D
 
     A cache of S <= ``read`` positions is read whole, in place (one window); a longer one
     in windows of one block, stopping after the block holding max(kv_len): O(live
-    tokens) (each block a copy on CPU). Inside a window
-    every block of B keys is one batched dot with its own max, exp-sum and weighted
-    values; the blocks are summed in order, rescaled to the window's max, and the
-    windows combined online (flash-style). A block past a row's length adds exactly zero,
+    tokens) (each block a copy on CPU). Inside a window every block of B keys is one
+    batched dot with its own max, exp-sum and weighted values; the blocks are summed in
+    order, rescaled to the window's max, and the windows combined online (flash-style).
+    A block past a row's length adds exactly zero,
     so a row's result depends neither on which rows share its call nor on how many
     windows the call reads: the same tokens for every max_concurrent.
     """

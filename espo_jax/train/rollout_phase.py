@@ -65,7 +65,8 @@ class PromptSource:
 def sample_groups(src: PromptSource, policy, indices: list[int], key) -> RolloutBatch:
     """G responses for each prompt index, decoded and rewarded.
     ``policy``: the model to sample from (the state's compute-dtype copy, made once per
-    rollout; for the engine, ``rollout.engine_sharding.decode_model`` of it); key: the PRNG key of this draw."""
+    rollout; for the engine, ``rollout.engine_sharding.decode_model`` of it); key: the
+    PRNG key of this draw."""
     cfg = src.config
     r = cfg.rollout
     missing = [i for i in indices if i not in src.prompt_cache]
