@@ -39,7 +39,6 @@ by rep so that they all see the same machine load.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -56,9 +55,7 @@ from espo_jax.rollout import engine as engine_lib
 from espo_jax.rollout import generate
 from espo_jax.rollout.sampling import sample_rows, token_keys
 
-MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=64, intermediate_size=768, vocab_size=32000, max_position_embeddings=8192,
-             rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True)
+from workloads import MODEL, workload_parser  # noqa: E402  (same directory)
 
 
 def build_models(tmp: str, seed: int = 0):
@@ -211,22 +208,11 @@ def breakdown(model, hf_step: float, jax_step: float, b: int, reps: int) -> None
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="4 prompts x 16 tokens, 16 new, 1 rep")
-    ap.add_argument("--ragged", action="store_true", help="the ragged workload instead")
-    ap.add_argument("--ragged-prompts", type=int, default=64)
-    ap.add_argument("--ragged-k", type=int, default=16)
-    ap.add_argument("--ragged-cap", type=int, default=256)
+    ap = workload_parser(__doc__, reps=3, quick_help="4 prompts x 16 tokens, 16 new, 1 rep")
     ap.add_argument("--seeds", type=int, default=1,
                     help="ragged: run keys 0..seeds-1 (each draws other lengths) and pool them")
     ap.add_argument("--prefill-tokens", type=int, default=None,
                     help="the engine's packed prompt tokens per mixed step (default: its own)")
-    ap.add_argument("--sampling", default="gumbel", choices=("gumbel", "inverse_cdf"))
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the decode step's parts (uniform workload)")
     args = ap.parse_args()

@@ -18,7 +18,7 @@ Weights: one random HF-layout checkpoint (config.json from transformers.Qwen3Con
 tensors drawn like transformers' init: normal(0, 0.02), RMSNorm weights 1) is written to
 a temporary directory and loaded by both `espo_jax.models.from_pretrained` and Tunix's
 `tunix.models.qwen3.params.create_model_from_safe_tensors`, both in float32; the model
-shape is `sampler.py`'s MODEL (torch is not needed).
+shape is `workloads.py`'s MODEL, as `sampler.py`'s (torch is not needed).
 
 Uniform workload (default): B x P-token prompts (sampler.py's: seed 0, 16 x 32), N new
 tokens, greedy, no stop token. Tunix is given a stop id that never occurs (-1), so every
@@ -57,7 +57,6 @@ except ImportError as e:  # the project venv: Tunix is benchmark-only
           "for the separate venv")
     sys.exit(0)
 
-import argparse
 import json
 import os
 import statistics
@@ -73,10 +72,8 @@ from safetensors.numpy import save_file
 from espo_jax.models import from_pretrained
 from espo_jax.rollout import generate
 
-# The model of sampler.py (kept equal by hand: sampler.py imports torch, absent here).
-MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=64, intermediate_size=768, vocab_size=32000, max_position_embeddings=2048,
-             rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True)
+from workloads import MODEL, workload_parser  # noqa: E402  (same directory)
+
 NEVER = -1  # a token id no sampler can draw: Tunix's stop id and pad id when none is wanted
 
 
@@ -261,19 +258,7 @@ def ragged(args) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 rep (smoke test)")
-    ap.add_argument("--ragged", action="store_true", help="the ragged workload instead")
-    ap.add_argument("--ragged-prompts", type=int, default=64)
-    ap.add_argument("--ragged-k", type=int, default=16)
-    ap.add_argument("--ragged-cap", type=int, default=256)
-    ap.add_argument("--sampling", default="gumbel", choices=("gumbel", "inverse_cdf"))
-    args = ap.parse_args()
+    args = workload_parser(__doc__, reps=5, quick_help="tiny sizes, 1 rep (smoke test)").parse_args()
     if args.quick:
         args.batch, args.prompt_len, args.new_tokens, args.reps = 4, 16, 16, 1
         args.ragged_prompts, args.ragged_k, args.ragged_cap = 8, 4, 32
