@@ -258,7 +258,8 @@ def ragged(args) -> None:
 
 
 def main():
-    args = workload_parser(__doc__, reps=5, quick_help="tiny sizes, 1 rep (smoke test)").parse_args()
+    ap = workload_parser(__doc__, reps=5, quick_help="tiny sizes, 1 rep (smoke test)")
+    args = ap.parse_args()
     if args.quick:
         args.batch, args.prompt_len, args.new_tokens, args.reps = 4, 16, 16, 1
         args.ragged_prompts, args.ragged_k, args.ragged_cap = 8, 4, 32
