@@ -1,9 +1,13 @@
 """The sampler benchmark (experiments/benchmarks/sampler.py) runs its --quick sizes: the
 ragged workload's static batches draw the engine's very responses (``first_row``), and
 both of our samplers decode HF's greedy tokens. The decode_read benchmark runs its --tiny
-shape, every setting giving the same attention."""
+shape, every setting giving the same attention. The GPU machine's one prepared script
+(device_check.sh) runs its quick sizes on CPU, so it works the day a GPU is lent."""
 import importlib.util
+import json
+import os
 import pathlib
+import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -38,3 +42,17 @@ def test_decode_read_tiny_same_attention_every_setting(monkeypatch, capsys):
     for regime in ("all short", "uniform in", "one at S/2", "all near S"):
         assert regime in out, out
     assert "outputs differ" not in out, out
+
+
+def test_device_check_script_quick(tmp_path):
+    """Every part of device_check.sh runs (tiny sizes, this CPU), each leaving its log."""
+    env = {**os.environ, "DEVICE_CHECK_QUICK": "1", "PYTHON": sys.executable}
+    env.pop("XLA_FLAGS", None)  # conftest's 8 host devices: the script's parts choose
+    run = subprocess.run(["bash", str(REPO / "experiments/benchmarks/device_check.sh"),
+                          str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "device_check: all parts passed" in run.stdout, run.stdout[-3000:]
+    for part in ("tests", "gpu_check", "decode_read", "sampler_ragged"):
+        assert (tmp_path / f"{part}.log").stat().st_size > 0, part
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["step_time_s"] > 0
