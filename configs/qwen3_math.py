@@ -54,7 +54,8 @@ def get_config(arg: str | None = None):
     c.rollout.temperature = 1.0
     # Continuous batching, 8 slots per batch device (K = 64 on 8 chips): a static batch of
     # the 1,024 rows would hold a KV cache of every row's whole length. Raise it where
-    # memory allows; the dry run reports the rollout's memory per device.
+    # memory allows; the dry run reports the rollout's memory per device (at 16k, +1.93 GiB
+    # per slot: about 24 fit an 80 GB GPU; README, "Will it fit? The dry run").
     c.rollout.max_concurrent_per_device = 8
     c.train.num_epochs = 1
     c.train.num_minibatches = 4
