@@ -47,7 +47,7 @@ def test_decode_read_tiny_same_attention_every_setting(monkeypatch, capsys):
 def test_device_check_script_quick(tmp_path):
     """Every part of device_check.sh runs (tiny sizes, this CPU), each leaving its log."""
     env = {**os.environ, "DEVICE_CHECK_QUICK": "1", "PYTHON": sys.executable}
-    env.pop("XLA_FLAGS", None)  # conftest's 8 host devices: the script's parts choose
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user has (conftest asks for 8)
     run = subprocess.run(["bash", str(REPO / "experiments/benchmarks/device_check.sh"),
                           str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=600)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
 
 
 def _case(seed, b=3, t=256, h=8, kvh=2, hd=128):
-    """bf16 q, k, v and segment ids: left padding, right padding, both, none."""
+    """bf16 q, k, v and segment ids: rows with left padding, right padding, both."""
     rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, hd)), jnp.bfloat16)
                for n in (h, kvh, kvh))

@@ -8,7 +8,7 @@
 #   3. decode_read.py: the engine's decode attention over a 16k cache (1.7B heads, K=64),
 #      block by block against whole reads (tunes rollout.decode_read for the GPU);
 #   4. sampler.py --ragged: continuous batching against static batches on the GPU.
-# Each part has its own time limit (the whole about 8 minutes), so one slow part cannot
+# Each part has its own time limit (9 minutes in all at most), so one slow part cannot
 # eat the lease; a part that fails is reported and the next one runs. Logs (one per part)
 # and gpu_check's JSON go to OUT (default experiments/benchmarks/results/device-<host>).
 #
