@@ -12,28 +12,35 @@
 # eat the lease; a part that fails is reported and the next one runs. Logs (one per part)
 # and gpu_check's JSON go to OUT (default experiments/benchmarks/results/device-<host>).
 #
-# The GPU image has jax (CUDA), flax, optax, orbax-checkpoint, transformers, torch and
-# pytest but not ml-collections or math-verify: fetch their wheels here once, into .whl/
-# (git-ignored), and carry that folder:
+# The GPU image has jax (CUDA), optax, orbax-checkpoint, transformers, torch and pytest,
+# but not ml-collections, math-verify or tensorboardX, and its flax may not be ours: fetch
+# those wheels here once, at this venv's versions, into .whl/ (git-ignored), and carry it:
 #
 #   bash experiments/benchmarks/device_check.sh --wheels          # here, with pip
 #   bash experiments/benchmarks/device_check.sh "$OUT"            # there (device run,
 #                                                                 # carry [".whl"])
-# PYTHON picks the interpreter (default python3: the GPU image's). DEVICE_CHECK_QUICK=1
+# PYTHON picks the interpreter (default: .venv/bin/python for --wheels, else python3, the
+# GPU image's). DEVICE_CHECK_QUICK=1
 # runs the same parts at tiny sizes on whatever JAX has (tests/test_benchmarks.py runs it
 # on CPU, so the script cannot rot between leases).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
-WHEELS=(ml-collections math-verify latex2sympy2_extended antlr4-python3-runtime==4.13.2)
+WHEELS="ml-collections math-verify latex2sympy2_extended antlr4-python3-runtime tensorboardX flax"
 
 if [[ "${1:-}" == "--wheels" ]]; then
   set -e
-  mkdir -p .whl
+  PY="${PYTHON:-.venv/bin/python}"
+  # name==version as installed here (the versions the tests passed with), else unpinned
+  mapfile -t pins < <("$PY" -c "import importlib.metadata as m
+for n in '$WHEELS'.split():
+    try: print(f'{n}=={m.version(n)}')
+    except m.PackageNotFoundError: print(n)")
+  rm -rf .whl && mkdir -p .whl
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
+    --platform manylinux2014_x86_64 -d .whl "${pins[@]}"
   ls .whl
   exit 0
 fi
