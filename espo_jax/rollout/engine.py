@@ -42,10 +42,11 @@ slot's packed tokens reads its key blocks as one matrix (``kv_attention.
 packed_prefill_attention``: rows independent), and no forward runs a lone row
 (``MIN_ROWS``).
 
-The decode forward reuses the model's own modules (projections, norms, MLP or routed
-experts, RoPE) and weights; only the attention and cache layout are the engine's. For an
-MoE model the engine records the experts of every token it feeds in, in the static
-sampler's ``routed_experts`` layout (``EngineOptions.routed_width``), for routing replay.
+The decode forward (``engine_forward``) reuses the model's own modules (projections,
+norms, MLP or routed experts, RoPE) and weights; only the attention and cache layout are
+the engine's. For an MoE model the engine records the experts of every token it feeds
+in, in the static sampler's ``routed_experts`` layout (``EngineOptions.routed_width``),
+for routing replay.
 """
 from __future__ import annotations
 
@@ -59,66 +60,13 @@ from flax import nnx
 
 from espo_jax.models.layers import rope_angles, rope_inv_freq
 from espo_jax.rollout import paged_attention as paged_lib
+from espo_jax.rollout.engine_forward import forward, unembed, write_kv
 # The options and cache geometry live in engine_options; re-exported as engine.<name>.
 from espo_jax.rollout.engine_options import (  # noqa: F401
     DEFAULT_PREFILL_TOKENS, MIN_ROWS, PREFILL_BLOCK, SHORT_BLOCK, EngineOptions,
     cache_geometry, default_decode_sizes, engine_kwargs, kv_cache_bytes)
 from espo_jax.rollout.kv_attention import packed_prefill_attention, ragged_decode_attention
 from espo_jax.rollout.sampling import sample_rows
-
-
-# ----------------------------------------------------------------------------- forward
-
-def _forward(model, ids, positions, cache, write, attend, rope):
-    """The decoder trunk with the engine's cache: ids, positions i32[M, T] ->
-    final-norm hidden f32[M, T, D], new cache, and the experts i32[M, T, L, k] the L
-    sparse layers' routers picked (None for a dense model). ``rope``: the rollout's RoPE
-    table (cos, sin) f32[S, hd/2], looked up once per forward for every layer (XLA would
-    otherwise evaluate cos / sin inside each layer's q and k fusions, once per element of
-    every head). ``write(c, k, v)`` stores a layer's new keys / values [M, T, KVH, hd]
-    and returns the layer's new cache {"k", "v"}; ``attend(q, c)`` is the attention over
-    it."""
-    angles = (rope[0][positions], rope[1][positions])
-    m, t = ids.shape
-    x = jnp.take(model.embed_tokens[...], ids, axis=0).astype(model.dtype)
-    new_cache, experts = [], []
-    for layer, c in zip(model.layers, cache):
-        a = layer.self_attn
-        h = layer.input_layernorm(x)
-        q, k, v = a.project_qkv(h, positions, None, angles)
-        c = write(c, k, v)
-        o = attend(q, c)
-        x = x + a.o_proj(o.reshape(m, t, -1))
-        h = layer.post_attention_layernorm(x)
-        if getattr(layer, "sparse", False):  # routed experts (Qwen3-MoE)
-            h, routing = layer.mlp(h)
-            experts.append(routing["experts"])
-        else:
-            h = layer.mlp(h)
-        x = x + h
-        new_cache.append(c)
-    routed = jnp.stack(experts, axis=2) if experts else None
-    return model.norm(x, out_dtype=jnp.float32), new_cache, routed
-
-
-def _write_kv(cache, slots, pos, k, v):
-    """A layer's cache {"k" [K, KVH, S/blk, hd, blk], "v" [K, KVH, S, hd]} with the new keys /
-    values k, v [M, 1, KVH, hd] stored at (slots[m], pos[m]); slot K (out of range)
-    writes nowhere."""
-    dt, blk = cache["k"].dtype, cache["k"].shape[-1]
-    return {"k": cache["k"].at[slots, :, pos // blk, :, pos % blk].set(k[:, 0].astype(dt),
-                                                                       mode="drop"),
-            "v": cache["v"].at[slots, :, pos].set(v[:, 0].astype(dt), mode="drop")}
-
-
-def _unembed(model, w, hidden):
-    """Logits f32[M, V] of hidden f32[M, D]: compute-dtype operands, f32 accumulation
-    (the scoring pass's precision, ``espo_jax.ops.logprobs``)."""
-    dt = jnp.dtype(model.dtype)
-    prec = jax.lax.Precision.HIGHEST if dt == jnp.float32 else jax.lax.Precision.DEFAULT
-    if hidden.shape[0] == 1:  # a lone row goes in a pair: see MIN_ROWS
-        return _unembed(model, w, jnp.concatenate([hidden, hidden]))[:1]
-    return jnp.dot(hidden.astype(dt), w, preferred_element_type=jnp.float32, precision=prec)
 
 
 # ----------------------------------------------------------------------------- engine
@@ -168,11 +116,11 @@ def engine_decode(
                   "v": jnp.zeros((k, kv_heads, s, hd), cdt)} for _ in range(cfg.num_layers)]
 
     def writer(at, pos):
-        """The ``_forward`` write of new keys / values to slots ``at`` (k: nowhere), ``pos``."""
+        """The ``forward`` write of new keys / values to slots ``at`` (k: nowhere), ``pos``."""
         if paged:
             return lambda cc, kk, vv: {"kv": paged_lib.write_paged(cc["kv"], at, pos, kk, vv,
                                                                    num_slots=k)}
-        return lambda cc, kk, vv: _write_kv(cc, at, pos, kk, vv)
+        return lambda cc, kk, vv: write_kv(cc, at, pos, kk, vv)
 
     def paged_attender(seq_slots, q_lens, kv_lens):
         return lambda q, cc: paged_lib.paged_attend(o.attention, q, cc["kv"], seq_slots,
@@ -290,12 +238,12 @@ def engine_decode(
                     return jnp.concatenate([od, op])
 
             ids = jnp.concatenate([slots["prev"], tids])[:, None]
-            hidden, cache, rx = _forward(model, ids, pos[:, None], cache, write, attend, rope)
+            hidden, cache, rx = forward(model, ids, pos[:, None], cache, write, attend, rope)
             out = record(out, jnp.concatenate([rr, trow]), pos[:, None], rx,
                          jnp.concatenate([dec, tvalid])[:, None])
             live = dec | fin
             src = jnp.where(dec, ar, jnp.where(fin, k + last, 0))
-            logits = _unembed(model, w, hidden[src, 0])
+            logits = unembed(model, w, hidden[src, 0])
             steps = jnp.where(dec, slots["step"], 0)
             tok, logp = sample(logits, keys_of(rr, steps))
             out, done = emit(out, rr, steps, tok, logp, live)
@@ -333,10 +281,10 @@ def engine_decode(
                                                    jnp.where(live, pos + 1, 0),
                                                    read=o.decode_read)
 
-            hidden, cache, rx = _forward(model, slots["prev"][safe][:, None], pos[:, None],
+            hidden, cache, rx = forward(model, slots["prev"][safe][:, None], pos[:, None],
                                          cache, write, attend, rope)
             out = record(out, rows, pos[:, None], rx, live[:, None])
-            logits = _unembed(model, w, hidden[:, 0])
+            logits = unembed(model, w, hidden[:, 0])
             tok, logp = sample(logits, keys_of(rows, steps))
             out, done = emit(out, rows, steps, tok, logp, live)
             at = jnp.where(live, idx, k)
