@@ -282,7 +282,7 @@ def engine_decode(
                                                    read=o.decode_read)
 
             hidden, cache, rx = forward(model, slots["prev"][safe][:, None], pos[:, None],
-                                         cache, write, attend, rope)
+                                        cache, write, attend, rope)
             out = record(out, rows, pos[:, None], rx, live[:, None])
             logits = unembed(model, w, hidden[:, 0])
             tok, logp = sample(logits, keys_of(rows, steps))

@@ -3,8 +3,8 @@
 ``forward`` runs the model's own modules (projections, norms, MLP or routed experts,
 RoPE) and weights on M rows x T tokens at given positions: the decode steps (T = 1) and
 the packed prefill (one row per packed token). Only the cache write and the attention
-are the caller's (``write_kv`` for the XLA layout, or the paged cache's), so every
-forward of the engine is the training model's arithmetic. ``unembed`` gives the logits.
+are the caller's (``write_kv`` for the XLA layout, or the paged cache's writer; the
+attention of ``kv_attention`` or ``paged_attention``). ``unembed`` gives the logits.
 """
 from __future__ import annotations
 
