@@ -9,6 +9,7 @@ import pathlib
 import shutil
 import sys
 
+import jax
 import pytest
 from absl import flags
 
@@ -105,12 +106,37 @@ def test_dry_run_rejects_a_plan_longer_than_the_model(capsys, tmp_path, model_di
     assert code == 2 and "plan.devices=4" in err and "xla_force_host_platform" in err, err
 
 
-def test_dry_run_rollout_entry_follows_max_concurrent(capsys, tmp_path, model_dir):
+class _Recorder:
+    """Stands in for ``engine.engine_jit``: records (options, prompt array shape) of each
+    compile (``lower``) or call, then compiles as the real one does (a call stops there)."""
+
+    def __init__(self, real):
+        self.real, self.seen = real, []
+
+    def lower(self, graphdef, options, state, prompts, *rest):
+        self.seen.append((options, tuple(prompts.shape)))
+        return self.real.lower(graphdef, options, state, prompts, *rest)
+
+    def __call__(self, graphdef, options, state, prompts, *rest):
+        self.seen.append((options, tuple(prompts.shape)))
+        raise _Recorded
+
+
+class _Recorded(Exception):
+    pass
+
+
+def test_dry_run_rollout_entry_follows_max_concurrent(capsys, tmp_path, model_dir, monkeypatch):
     """With rollout.max_concurrent the rollout entry is each device's continuous-batching
     engine: its KV cache is sized by the slots in flight, not by the rollout batch. Per
     device (rollout.max_concurrent_per_device) the slots follow the mesh: 2 per device on
-    the 8 batch devices is K = 16."""
-    temps = {}
+    the 8 batch devices is K = 16. And the dry run compiles the very engine (options and
+    prompt width) that ``generate`` runs on one device's rows of plan.prompt_len tokens."""
+    from espo_jax.models import from_pretrained
+    from espo_jax.rollout import engine, generate
+
+    temps, recorder = {}, _Recorder(engine.engine_jit)
+    monkeypatch.setattr(engine, "engine_jit", recorder)
     for k in ("max_concurrent=0", "max_concurrent=16", "max_concurrent_per_device=2"):
         wd = tmp_path / f"wd{k.replace('=', '')}"
         code, _, err = run_cli(capsys, f"--workdir={wd}", "--dry_run",
@@ -121,4 +147,12 @@ def test_dry_run_rollout_entry_follows_max_concurrent(capsys, tmp_path, model_di
         plan = json.loads((wd / "memory_plan.json").read_text())
         temps[k] = plan["per_device"]["rollout"]["temp"]
     assert 0 < temps["max_concurrent=16"] < temps["max_concurrent=0"], temps
+    # The two K = 16 runs, each compiled at two depths (the per-layer extrapolation).
+    assert len(recorder.seen) == 4 and len(set(recorder.seen)) == 1, recorder.seen
+    planned, (rows, width) = recorder.seen[0]
+    assert (planned.max_concurrent, rows) == (2, 4)  # 16 slots, 32 rows over 8 devices
+    with pytest.raises(_Recorded):  # the default config's rollout keywords
+        generate(from_pretrained(TINY.parent), [[1] * 20] * rows, max_new_tokens=64,
+                 temperature=1.0, key=jax.random.key(0), eos_id=None, max_concurrent=2)
+    assert recorder.seen[-1] == (planned, (rows, width)), (recorder.seen[-1], planned)
     assert temps["max_concurrent_per_device=2"] == temps["max_concurrent=16"], temps

@@ -64,7 +64,8 @@ from espo_jax.rollout.engine_forward import forward, unembed, write_kv
 # The options and cache geometry live in engine_options; re-exported as engine.<name>.
 from espo_jax.rollout.engine_options import (  # noqa: F401
     DEFAULT_PREFILL_TOKENS, MIN_ROWS, PREFILL_BLOCK, SHORT_BLOCK, EngineOptions,
-    cache_geometry, default_decode_sizes, engine_kwargs, kv_cache_bytes)
+    cache_geometry, default_decode_sizes, engine_kwargs, engine_options, kv_cache_bytes,
+    prompt_width)
 from espo_jax.rollout.kv_attention import packed_prefill_attention, ragged_decode_attention
 from espo_jax.rollout.sampling import sample_rows
 
@@ -355,11 +356,11 @@ STATIC_ARGNUMS = (0, 1)
 engine_jit = jax.jit(engine_decode, static_argnums=STATIC_ARGNUMS)
 
 
-def right_align(ids: np.ndarray, mask: np.ndarray, chunk: int, pad_id: int):
+def right_align(ids: np.ndarray, mask: np.ndarray, prefill_chunk: int, pad_id: int):
     """Left-padded (ids, mask) [B, P0] -> prompts i32[B, P] with each row's tokens at
-    [0, len) (P = longest rounded up to a multiple of ``chunk``), lengths i32[B]."""
+    [0, len) (P: ``prompt_width`` of the longest row, P0 and prefill_chunk), lengths i32[B]."""
     lens = mask.sum(1).astype(np.int32)
-    width = max(chunk, -(-int(lens.max()) // chunk) * chunk)
+    width = prompt_width(int(lens.max()), ids.shape[1], prefill_chunk)
     out = np.full((ids.shape[0], width), pad_id, np.int32)
     for i, (row, n) in enumerate(zip(ids, lens)):
         out[i, :n] = row[ids.shape[1] - n:]

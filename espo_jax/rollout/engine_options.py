@@ -1,7 +1,9 @@
 """The samplers' static options and the engine's cache geometry: what ``sampler.decode``
 (``DecodeOptions``) and ``engine.engine_decode`` (``EngineOptions``, the same plus the
-engine's own) compile, both hashable; the engine's drain sizes, how many cache positions a
-slot gets, and the ``generate`` keywords of a ``rollout`` config block. No arrays, no jit."""
+engine's own) compile, both hashable; the prompt buckets, the engine's drain sizes, prompt
+width and cache positions per slot, the one constructor of the options ``generate`` runs
+and the dry run (``train.aot``) compiles, and the ``generate`` keywords of a ``rollout``
+config block. No arrays, no jit."""
 from __future__ import annotations
 
 import dataclasses
@@ -83,6 +85,14 @@ SHORT_BLOCK = 64
 MIN_ROWS = 2
 
 
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Padded prompt length for n tokens: the next power of two >= max(n, minimum)
+    up to 1024, then the next multiple of 512 (bounded padding waste, few buckets)."""
+    if n <= 1024:
+        return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    return -(-n // 512) * 512
+
+
 def default_decode_sizes(k: int) -> tuple:
     """(K, K/2, K/4, ..., 2) (halving, rounded up) for K >= 8, else (K,): drain sizes
     where they pay (each size is one more compiled decode step; a step costs a fixed
@@ -106,6 +116,34 @@ def cache_geometry(prompt_width: int, options: EngineOptions) -> tuple[int, int]
     if options.attention == "xla" and -(-need // short) * short <= options.decode_read:
         blk = short
     return blk, -(-need // blk) * blk
+
+
+def prompt_width(longest: int, prompt_bucket: int, prefill_chunk: int) -> int:
+    """The engine's right-aligned prompt array width P for a longest prompt of ``longest``
+    tokens in left-padded prompts of bucketed width ``prompt_bucket``: a multiple of the
+    chunk min(prefill_chunk, prompt_bucket) (``engine.right_align``)."""
+    chunk = min(int(prefill_chunk), int(prompt_bucket))
+    return max(chunk, -(-int(longest) // chunk) * chunk)
+
+
+def engine_options(base: DecodeOptions, *, prompt_bucket: int, max_concurrent: int,
+                   prefill_chunk: int, kv_block: int, attention: str, is_moe: bool,
+                   prefill_tokens: int | None = None,
+                   decode_read: int | None = None) -> EngineOptions:
+    """The ``EngineOptions`` of ``generate`` for left-padded prompts of bucketed width
+    ``prompt_bucket`` (``bucket_length``) and ``base``'s options (N = its max_new_tokens),
+    K = ``max_concurrent`` slots: the kv block clipped to the bucket of prompt + N, the
+    default drain sizes, ``DEFAULT_PREFILL_TOKENS`` and ``DECODE_READ`` where None, and for
+    an MoE model the routed-experts width (the prompt bucket). The dry run compiles the
+    engine with these very options, so its memory figure is that of the rollout."""
+    return EngineOptions(
+        **vars(base), max_concurrent=int(max_concurrent), prefill_chunk=int(prefill_chunk),
+        kv_block=min(int(kv_block), bucket_length(int(prompt_bucket) + base.max_new_tokens)),
+        decode_sizes=default_decode_sizes(int(max_concurrent)),
+        prefill_tokens=(DEFAULT_PREFILL_TOKENS if prefill_tokens is None
+                        else int(prefill_tokens)),
+        routed_width=int(prompt_bucket) if is_moe else 0, attention=attention,
+        decode_read=DECODE_READ if decode_read is None else int(decode_read))
 
 
 def kv_cache_bytes(config, max_concurrent: int, max_len: int, dtype="bfloat16") -> int:

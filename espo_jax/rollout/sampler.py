@@ -19,7 +19,6 @@ temperature, top_p, the stop tokens' values and the key are traced.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -28,8 +27,7 @@ import numpy as np
 from flax import nnx
 
 from espo_jax.rollout import engine, paged_attention
-from espo_jax.rollout.engine_options import DecodeOptions
-from espo_jax.rollout.kv_attention import DECODE_READ
+from espo_jax.rollout.engine_options import DecodeOptions, bucket_length, engine_options
 from espo_jax.rollout.sampling import SAMPLING_METHODS, sample_rows, token_keys
 
 
@@ -175,14 +173,6 @@ on the array shapes, so repeated calls with the same bucket do not retrace."""
 
 
 # ----------------------------------------------------------------------------- host side
-
-def bucket_length(n: int, minimum: int = 16) -> int:
-    """Padded prompt length for n tokens: the next power of two >= max(n, minimum)
-    up to 1024, then the next multiple of 512 (bounded padding waste, few buckets)."""
-    if n <= 1024:
-        return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-    return -(-n // 512) * 512
-
 
 def _normalise_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """list[list[int]] or (ids [B, P], mask [B, P]) -> left-padded int32 numpy (ids, mask)."""
@@ -379,17 +369,11 @@ def generate(
         routed = out[3] if len(out) > 3 else None
         lengths = out_mask.sum(-1).astype(jnp.int32)
     else:
-        chunk = min(int(prefill_chunk), plen)
-        block = min(int(kv_block), bucket_length(plen + n_max))
-        k = min(int(max_concurrent), ids.shape[0])
-        options = engine.EngineOptions(
-            **vars(options), max_concurrent=k, prefill_chunk=int(prefill_chunk),
-            kv_block=block, decode_sizes=engine.default_decode_sizes(k),
-            prefill_tokens=engine.DEFAULT_PREFILL_TOKENS if prefill_tokens is None
-            else int(prefill_tokens),
-            routed_width=plen if model.config.is_moe else 0, attention=attention,
-            decode_read=DECODE_READ if decode_read is None else int(decode_read))
-        right, plens = engine.right_align(ids, mask, chunk, pad_id)
+        options = engine_options(
+            options, prompt_bucket=plen, max_concurrent=min(int(max_concurrent), ids.shape[0]),
+            prefill_chunk=prefill_chunk, kv_block=kv_block, attention=attention,
+            is_moe=model.config.is_moe, prefill_tokens=prefill_tokens, decode_read=decode_read)
+        right, plens = engine.right_align(ids, mask, prefill_chunk, pad_id)
         out = (engine_fn or engine.engine_jit)(
             graphdef, options, state, jnp.asarray(right), jnp.asarray(plens),
             jnp.asarray(budgets), *traced, row_ids)

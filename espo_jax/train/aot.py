@@ -195,9 +195,8 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
-    from espo_jax.rollout import DecodeOptions, bucket_length, engine  # noqa: PLC0415
+    from espo_jax.rollout import DecodeOptions, engine  # noqa: PLC0415
     from espo_jax.rollout.engine import engine_kwargs  # noqa: PLC0415
-    from espo_jax.rollout.kv_attention import DECODE_READ  # noqa: PLC0415
     from espo_jax.rollout.paged_attention import resolve_attention  # noqa: PLC0415
     from espo_jax.train import mesh as mesh_lib  # noqa: PLC0415
 
@@ -244,20 +243,16 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
             shards = mesh_lib.batch_divisor(mesh)
             k = -(-ek["max_concurrent"] // shards)
             rows = max(1, shapes.rollout_rows // shards)
-            chunk = min(ek["prefill_chunk"], shapes.prompt_len)
-            width = -(-shapes.prompt_len // chunk) * chunk
-            opts = engine.EngineOptions(
-                **vars(opts), max_concurrent=k, prefill_chunk=ek["prefill_chunk"],
-                kv_block=min(ek["kv_block"], bucket_length(width + shapes.response_len)),
-                decode_sizes=engine.default_decode_sizes(k),
-                prefill_tokens=engine.DEFAULT_PREFILL_TOKENS,
-                routed_width=(bucket_length(shapes.prompt_len)
-                              if b["cfg"].is_moe else 0),  # MoE: experts recorded
+            width = engine.prompt_width(shapes.prompt_len, shapes.prompt_len,
+                                        ek["prefill_chunk"])  # the longest prompt's
+            opts = engine.engine_options(
+                opts, prompt_bucket=shapes.prompt_len, max_concurrent=k,
+                prefill_chunk=ek["prefill_chunk"], kv_block=ek["kv_block"],
                 # The Pallas kernel compiles for TPU only; elsewhere the XLA layout (the
                 # same cache bytes) stands in.
                 attention=(resolve_attention(ek["attention"])
                            if jax.default_backend() == "tpu" else "xla"),
-                decode_read=ek["decode_read"] or DECODE_READ)
+                is_moe=b["cfg"].is_moe, decode_read=ek["decode_read"])
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             local = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
                                  abs_state)
