@@ -1,6 +1,7 @@
 """The sampler benchmark (experiments/benchmarks/sampler.py) runs its --quick sizes: the
 ragged workload's static batches draw the engine's very responses (``first_row``), and
-both of our samplers decode HF's greedy tokens. The decode_read benchmark runs its --tiny
+both of our samplers decode HF's greedy tokens, and the decode-step breakdown prints
+every part. The decode_read benchmark runs its --tiny
 shape, every setting giving the same attention. The GPU machine's one prepared script
 (device_check.sh) runs its quick sizes on CPU, so it works the day a GPU is lent."""
 import importlib.util
@@ -32,8 +33,11 @@ def test_ragged_quick_static_batches_draw_the_engine_responses(monkeypatch, caps
 
 
 def test_uniform_quick_matches_hf_greedy(monkeypatch, capsys):
-    out = _main(monkeypatch, capsys, "--quick")
+    out = _main(monkeypatch, capsys, "--quick", "--breakdown")
     assert "greedy tokens identical to HF: static True, engine True" in out, out
+    for part in ("unembed [B,D]x[D,V]", "+ T=1 draw + log-prob", "unembed in cache 8xV/8",
+                 "read D x V f32 (NumPy)", "HF decode step", "unembed / (in cache + read)"):
+        assert part in out, out
 
 
 def test_decode_read_tiny_same_attention_every_setting(monkeypatch, capsys):

@@ -25,7 +25,10 @@ Decode-step breakdown (--breakdown): the per-token cost of the parts of a greedy
 step at B rows (the unembedding, then the unembedding plus: a flat argmax; the sampler's
 greedy token and log-prob; a T=1 draw), each timed in a jitted loop of 200 steps, against
 the whole static decode step and HF's: what bounds the uniform ratio (HF's greedy computes
-no log-probs).
+no log-probs). Then the unembedding's two costs apart: its arithmetic with the weights in
+cache (the same FLOPs as 8 dots on one eighth of the columns) and a read of its weights'
+bytes from memory (NumPy sums, one thread per core): on a CPU where the dot does not
+overlap the two, the unembedding takes about their sum.
 
 Medians over --reps runs after one warm-up (the JAX compile), the samplers interleaved rep
 by rep so that they all see the same machine load.
@@ -42,6 +45,7 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
+import threading
 import time
 
 import jax
@@ -169,6 +173,21 @@ def ragged_seed(model, args, prompts, stops, seed: int) -> np.ndarray:
     return np.array([[secs, useful] for secs, useful, _ in rows.values()], float)
 
 
+def stream_read_ms(a: np.ndarray, reps: int) -> float:
+    """Median ms to read array a once from memory: NumPy sums of its parts, one thread per
+    CPU (NumPy releases the GIL), 10 reads per rep (a is bigger than the cache)."""
+    parts = np.array_split(a.reshape(-1), os.cpu_count() or 1)
+
+    def read():
+        threads = [threading.Thread(target=part.sum) for part in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    read()
+    return timed(lambda: [read() for _ in range(10)], reps) / 10 * 1e3
+
+
 def breakdown(model, hf_step: float, jax_step: float, b: int, reps: int) -> None:
     """Print ms per step of each part of a greedy decode step at b rows (see the doc)."""
     iters = 200
@@ -188,6 +207,12 @@ def breakdown(model, hf_step: float, jax_step: float, b: int, reps: int) -> None
             unembed(h), token_keys(key, rows, jnp.full((b,), i, jnp.int32)), 1.0)[1],
     }
 
+    w8 = w[:, :v // 8]  # 1/8 of the weights: stays in cache between the 8 dots
+
+    def in_cache(h, i):
+        return sum(jnp.dot(h + j, w8, preferred_element_type=jnp.float32)[:, 0]
+                   for j in range(8))
+
     def looped(part):
         @jax.jit
         def run(h):  # each step depends on the last, so XLA cannot hoist or batch them
@@ -195,16 +220,26 @@ def breakdown(model, hf_step: float, jax_step: float, b: int, reps: int) -> None
                                      h)
         return run
 
-    print(f"\ndecode step breakdown: B={b}, D={d}, V={v}; ms per step, median of {reps} "
-          f"loops of {iters} steps")
-    print(f"{'part':<24} {'ms/step':>8} {'of static step':>15}")
-    for name, part in parts.items():
+    def timed_loop(part):
         run = looped(part)
         jax.block_until_ready(run(hidden))
-        ms = timed(lambda: jax.block_until_ready(run(hidden)), reps) / iters * 1e3
-        print(f"{name:<24} {ms:>8.3f} {ms / (jax_step * 1e3):>14.0%}")
-    print(f"{'static decode step':<24} {jax_step * 1e3:>8.3f} {1:>14.0%}")
-    print(f"{'HF decode step':<24} {hf_step * 1e3:>8.3f} {hf_step / jax_step:>14.0%}")
+        return timed(lambda: jax.block_until_ready(run(hidden)), reps) / iters * 1e3
+
+    print(f"\ndecode step breakdown: B={b}, D={d}, V={v}; ms per step, median of {reps} "
+          f"loops of {iters} steps")
+    print(f"{'part':<26} {'ms/step':>8} {'of static step':>15}")
+    ms = {name: timed_loop(part) for name, part in parts.items()}
+    unembed_ms = ms["unembed [B,D]x[D,V]"]
+    split = {"unembed in cache 8xV/8": timed_loop(in_cache),
+             "read D x V f32 (NumPy)": stream_read_ms(np.asarray(w), reps)}
+    ms.update(split)
+    ms["  sum of the two above"] = sum(split.values())
+    for name, t in ms.items():
+        print(f"{name:<26} {t:>8.3f} {t / (jax_step * 1e3):>14.0%}")
+    print(f"{'static decode step':<26} {jax_step * 1e3:>8.3f} {1:>14.0%}")
+    print(f"{'HF decode step':<26} {hf_step * 1e3:>8.3f} {hf_step / jax_step:>14.0%}")
+    print(f"unembed / (in cache + read) = {unembed_ms / ms['  sum of the two above']:.2f}: "
+          "near 1 where the dot does not overlap its arithmetic with its memory reads")
 
 
 def main():
