@@ -241,7 +241,7 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
             # ceil(K / shards) slots (``engine_sharding.sharded_engine_fn``), weights
             # replicated (``engine_sharding.decode_model``): compile that per-device program.
             shards = mesh_lib.batch_divisor(mesh)
-            k = -(-ek["max_concurrent"] // shards)
+            k = -(-min(ek["max_concurrent"], shapes.rollout_rows) // shards)  # as generate
             rows = max(1, shapes.rollout_rows // shards)
             width = engine.prompt_width(shapes.prompt_len, shapes.prompt_len,
                                         ek["prefill_chunk"])  # the longest prompt's
