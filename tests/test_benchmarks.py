@@ -1,9 +1,9 @@
 """The sampler benchmark (experiments/benchmarks/sampler.py) runs its --quick sizes: the
 ragged workload's static batches draw the engine's very responses (``first_row``), and
 both of our samplers decode HF's greedy tokens, and the decode-step breakdown prints
-every part. The decode_read benchmark runs its --tiny
-shape, every setting giving the same attention. The GPU machine's one prepared script
-(device_check.sh) runs its quick sizes on CPU, so it works the day a GPU is lent."""
+every part. The decode_read benchmark runs its --tiny shape, every setting giving the
+same attention. The GPU machine's one prepared script (device_check.sh) runs its quick
+sizes on CPU, so it works the day a GPU is lent."""
 import importlib.util
 import json
 import os
