@@ -3,8 +3,8 @@
 ``decode_model`` makes the decode copy of the weights once per rollout (compute dtype,
 FSDP / data / expert splits gathered, tensor-parallel splits kept); ``sharded_engine_fn``
 runs one ``engine.engine_decode`` per batch shard (rows split over the batch axes: data,
-fsdp, expert; each device with its own slots and loop); ``model_mesh`` finds the mesh
-from a model's weights, ``mesh_engine_fn`` the engine_fn for it.
+fsdp, expert; each device with its own slots and loop, ``shard_options``); ``model_mesh``
+finds the mesh from a model's weights, ``mesh_engine_fn`` the engine_fn for it.
 """
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ from espo_jax.rollout.engine import default_decode_sizes, engine_decode, engine_
 
 
 @functools.lru_cache(maxsize=8)
+def shard_options(options, shards: int):
+    """The ``EngineOptions`` each of ``shards`` devices runs over its rows: ceil(K / shards)
+    slots and their drain sizes (the dry run compiles these)."""
+    k = -(-options.max_concurrent // int(shards))
+    return dataclasses.replace(options, max_concurrent=k, decode_sizes=default_decode_sizes(k))
+
+
 def sharded_engine_fn(mesh, axes: tuple[str, ...] | None = None):
     """An ``engine_fn`` for ``generate`` that runs one engine per batch shard: the rows
     split over ``axes`` of ``mesh`` (contiguous blocks; default the training batch's axes,
@@ -58,10 +65,7 @@ def sharded_engine_fn(mesh, axes: tuple[str, ...] | None = None):
             row_ids = jnp.arange(b, dtype=jnp.int32)
         if shards == 1 or b % shards:
             return engine_jit(graphdef, options, state, prompts, *rest, row_ids)
-        local = dataclasses.replace(
-            options, max_concurrent=-(-options.max_concurrent // shards),
-            decode_sizes=default_decode_sizes(-(-options.max_concurrent // shards)))
-        return run(graphdef, local, state, prompts, *rest, row_ids)
+        return run(graphdef, shard_options(options, shards), state, prompts, *rest, row_ids)
 
     return fn
 

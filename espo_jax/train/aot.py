@@ -197,6 +197,7 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
 
     from espo_jax.rollout import DecodeOptions, engine  # noqa: PLC0415
     from espo_jax.rollout.engine import engine_kwargs  # noqa: PLC0415
+    from espo_jax.rollout.engine_sharding import shard_options  # noqa: PLC0415
     from espo_jax.rollout.paged_attention import resolve_attention  # noqa: PLC0415
     from espo_jax.train import mesh as mesh_lib  # noqa: PLC0415
 
@@ -238,21 +239,23 @@ def compile_phases(config, mesh, shapes: Shapes, *, num_layers: int | None = Non
                           budgets)  # row_ids: i32[rows], as the budgets
         else:
             # Continuous batching: each device runs its own engine over its rows with
-            # ceil(K / shards) slots (``engine_sharding.sharded_engine_fn``), weights
-            # replicated (``engine_sharding.decode_model``): compile that per-device program.
+            # ceil(K / shards) slots (``engine_sharding.sharded_engine_fn``, its
+            # ``shard_options``), weights replicated (``engine_sharding.decode_model``):
+            # compile that per-device program.
             shards = mesh_lib.batch_divisor(mesh)
-            k = -(-min(ek["max_concurrent"], shapes.rollout_rows) // shards)  # as generate
             rows = max(1, shapes.rollout_rows // shards)
             width = engine.prompt_width(shapes.prompt_len, shapes.prompt_len,
                                         ek["prefill_chunk"])  # the longest prompt's
-            opts = engine.engine_options(
-                opts, prompt_bucket=shapes.prompt_len, max_concurrent=k,
+            opts = engine.engine_options(  # generate's, then one device's share of them
+                opts, prompt_bucket=shapes.prompt_len,
+                max_concurrent=min(ek["max_concurrent"], shapes.rollout_rows),
                 prefill_chunk=ek["prefill_chunk"], kv_block=ek["kv_block"],
                 # The Pallas kernel compiles for TPU only; elsewhere the XLA layout (the
                 # same cache bytes) stands in.
                 attention=(resolve_attention(ek["attention"])
                            if jax.default_backend() == "tpu" else "xla"),
                 is_moe=b["cfg"].is_moe, decode_read=ek["decode_read"])
+            opts = shard_options(opts, shards)
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             local = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
                                  abs_state)
