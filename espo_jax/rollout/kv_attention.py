@@ -146,9 +146,9 @@ def ragged_decode_attention(q, k_cache, v_cache, slots, kv_len, *, read: int = D
     tokens) (each block a copy on CPU). Inside a window every block of B keys is one
     batched dot with its own max, exp-sum and weighted values; the blocks are summed in
     order, rescaled to the window's max, and the windows combined online (flash-style).
-    A block past a row's length adds exactly zero,
-    so a row's result depends neither on which rows share its call nor on how many
-    windows the call reads: the same tokens for every max_concurrent.
+    A block past a row's length adds exactly zero, so a row's result depends neither on
+    which rows share its call nor on how many windows the call reads: the same tokens for
+    every max_concurrent.
     """
     m, _, h, hd = q.shape
     kvh = v_cache.shape[1]

@@ -20,9 +20,8 @@
 #   bash experiments/benchmarks/device_check.sh "$OUT"            # there (device run,
 #                                                                 # carry [".whl"])
 # PYTHON picks the interpreter (default: .venv/bin/python for --wheels, else python3, the
-# GPU image's). DEVICE_CHECK_QUICK=1
-# runs the same parts at tiny sizes on whatever JAX has (tests/test_benchmarks.py runs it
-# on CPU, so the script cannot rot between leases).
+# GPU image's). DEVICE_CHECK_QUICK=1 runs the same parts at tiny sizes on whatever JAX has
+# (tests/test_benchmarks.py runs it on CPU, so the script cannot rot between leases).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
