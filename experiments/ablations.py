@@ -17,7 +17,6 @@ runs are shared with it when both use the same --runs_dir, config and step count
 """
 from __future__ import annotations
 
-import argparse
 import math
 import pathlib
 import sys
@@ -118,9 +117,7 @@ def claims(results) -> list[str]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p, default_out=str(DEFAULT_OUT))
+    p = C.sweep_parser(__doc__, default_out=str(DEFAULT_OUT))
     p.add_argument("--only", default=None,
                    help=f"comma list of families (default all: {','.join(FAMILIES)}; "
                         f"--smoke: {','.join(SMOKE_FAMILIES)}); the reference always runs")

@@ -17,7 +17,6 @@ to start in several processes at once (per-run lock files). Run workdirs go to -
 """
 from __future__ import annotations
 
-import argparse
 import math
 import pathlib
 import sys
@@ -99,9 +98,7 @@ def claims(results: list[C.VariantResult]) -> list[str]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p, default_out=str(DEFAULT_OUT))
+    p = C.sweep_parser(__doc__, default_out=str(DEFAULT_OUT))
     p.add_argument("--objectives", default=None,
                    help=f"comma list (default all: {','.join(OBJECTIVES)}; "
                         f"--smoke: {','.join(SMOKE_OBJECTIVES)})")

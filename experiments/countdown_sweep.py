@@ -32,7 +32,6 @@ testable) and PNG plots.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import pathlib
 import sys
@@ -169,9 +168,7 @@ def make_plots(results, out: pathlib.Path) -> list[tuple[str, str]]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p, default_out=str(DEFAULT_OUT))
+    p = C.sweep_parser(__doc__, default_out=str(DEFAULT_OUT))
     # Finished runs' metrics are committed under OUT/runs, so the sweep resumes on any machine.
     p.set_defaults(config=str(DEFAULT_CONFIG), archive=str(DEFAULT_OUT / "runs"))
     p.add_argument("--arms", default=None,

@@ -34,12 +34,11 @@ correlations, verdicts), ``stats`` (paired-seed differences, t-intervals, Holm, 
 the names re-exported here.
 """
 from harness.claims import correlation, trend, verdict
-from harness.cli import add_common_args, finish, parse_seeds, parse_sets, run_sweep, seeds_given
+from harness.cli import finish, parse_seeds, parse_sets, run_sweep, seeds_given, sweep_parser
 from harness.results import (VariantResult, default_target, final_accuracy, load_results,
                              train_mean)
 from harness.specs import REPO, Run, Variant, make_runs
 
-__all__ = ["REPO", "Run", "Variant", "VariantResult", "add_common_args", "correlation",
-           "default_target", "final_accuracy", "finish", "load_results", "make_runs",
-           "parse_seeds", "parse_sets", "run_sweep", "seeds_given", "train_mean", "trend",
-           "verdict"]
+__all__ = ["REPO", "Run", "Variant", "VariantResult", "correlation", "default_target",
+           "final_accuracy", "finish", "load_results", "make_runs", "parse_seeds", "parse_sets",
+           "run_sweep", "seeds_given", "sweep_parser", "train_mean", "trend", "verdict"]

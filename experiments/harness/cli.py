@@ -16,7 +16,11 @@ from harness.specs import DEFAULT_CONFIG, DEFAULT_RUNS, REPO, Run, _fmt
 
 
 # --------------------------------------------------------------------------- CLI --
-def add_common_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
+def sweep_parser(description: str, *, default_out: str) -> argparse.ArgumentParser:
+    """A sweep script's parser: its docstring as the help text, then the options every
+    sweep shares (the script adds its own)."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=default_out, help="report directory (report.md + PNGs)")
     p.add_argument("--runs_dir", default=str(DEFAULT_RUNS),
                    help="where run workdirs live (shared between sweeps; not committed)")
@@ -42,6 +46,7 @@ def add_common_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
     p.add_argument("--timeout", type=float, default=None, help="per-run wall limit (s)")
     p.add_argument("--no_compile_cache", action="store_true",
                    help="do not share JAX's persistent compilation cache (RUNS/.jax_cache)")
+    return p
 
 
 def parse_seeds(s: str, smoke: bool, given: bool) -> list[int]:
@@ -156,7 +161,7 @@ def resolved_settings(runs: Sequence[Run]) -> list[str]:
 
 
 def run_sweep(runs: Sequence[Run], args) -> list[dict]:
-    """run_all with the CLI options of add_common_args (nothing when --report_only). With
+    """run_all with the CLI options of sweep_parser (nothing when --report_only). With
     --archive, finished runs are restored from the archive first and each archived as it
     finishes."""
     runs_dir = pathlib.Path(args.runs_dir)
