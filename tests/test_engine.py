@@ -295,6 +295,9 @@ def test_sharded_decode_weights_same_tokens(models, sampled):
                   engine_fn=sharded_engine_fn(make_mesh(dict(data=2, fsdp=2, tensor=2))))
     assert ro.tokens.sharding.spec == P(("data", "fsdp"))
     np.testing.assert_array_equal(np.asarray(ro.tokens)[:6], np.asarray(sampled[3].tokens)[6:])
+    # Cached per (mesh, axes): the training rollout and evaluation share one compiled program.
+    mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
+    assert sharded_engine_fn(mesh) is sharded_engine_fn(make_mesh(dict(data=2, fsdp=2, tensor=2)))
     # compute dtype copy: a bf16-compute model with f32 masters gets bf16 decode weights
     bf = decode_model(from_pretrained(path, dtype=jnp.bfloat16))
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(nnx.state(bf, nnx.Param)))

@@ -20,7 +20,6 @@ from espo_jax.models.sharding import batch_axes
 from espo_jax.rollout.engine import default_decode_sizes, engine_decode, engine_jit
 
 
-@functools.lru_cache(maxsize=8)
 def shard_options(options, shards: int):
     """The ``EngineOptions`` each of ``shards`` devices runs over its rows: ceil(K / shards)
     slots and their drain sizes (the dry run compiles these)."""
@@ -28,6 +27,7 @@ def shard_options(options, shards: int):
     return dataclasses.replace(options, max_concurrent=k, decode_sizes=default_decode_sizes(k))
 
 
+@functools.lru_cache(maxsize=8)
 def sharded_engine_fn(mesh, axes: tuple[str, ...] | None = None):
     """An ``engine_fn`` for ``generate`` that runs one engine per batch shard: the rows
     split over ``axes`` of ``mesh`` (contiguous blocks; default the training batch's axes,
